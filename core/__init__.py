@@ -1,0 +1,1 @@
+"""Switchboard's framework-free domain: registry, router, providers, engines, chat, storage."""

@@ -1,0 +1,175 @@
+"""Settings in one place: defaults < TOML file < environment < command line.
+
+Every field carries its TOML key, its environment variable and a description; docs/configuration.md
+mirrors this table. The TOML file is `<data-dir>/config.toml` unless SWITCHBOARD_CONFIG names another.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from core.errors import BadRequest
+
+
+def _setting(default: Any, toml: str, env: str | None, doc: str, **kw: Any) -> Any:
+    meta = {"toml": toml, "env": env, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ConnectionConfig:
+    """One OpenAI-compatible connection, as written under [model_names.<key>] (the seed's format)."""
+
+    key: str
+    name: str
+    base_url: str
+    env: str = "NO_API_KEY"
+    url: str | None = None
+    default: str | None = None
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Settings:
+    """All of Switchboard's configuration; see docs/configuration.md."""
+
+    host: str = _setting("127.0.0.1", "server.host", "SWITCHBOARD_HOST", "Address to bind.")
+    port: int = _setting(5000, "server.port", "SWITCHBOARD_PORT", "Port to listen on.")
+    data_dir: str = _setting("./data", "server.data_dir", "SWITCHBOARD_DATA_DIR",
+                             "Where chats (SQLite), documents and the default model cache live.")
+    model_dir: str = _setting("", "models.model_dir", "MODEL_DIR",
+                              "Model cache root (MODEL_DIR/<org>/<name>); default <data-dir>/models.")
+    log_level: str = _setting("INFO", "server.log_level", "SWITCHBOARD_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.")
+    api_token: str = _setting("", "server.api_token", "SWITCHBOARD_API_TOKEN",
+                              "When set, every API and Socket.IO client must present it.")
+    default_model: str = _setting("local:HuggingFaceTB/SmolLM2-135M-Instruct", "chat.default_model",
+                                  "SWITCHBOARD_DEFAULT_MODEL", "Model preselected on the page.")
+    max_content_chars: int = _setting(16000, "chat.max_content_chars", "SWITCHBOARD_MAX_CONTENT_CHARS",
+                                      "Longest accepted user message, in characters (longer: too_long).")
+    max_new_tokens: int = _setting(512, "chat.max_new_tokens", "SWITCHBOARD_MAX_NEW_TOKENS",
+                                   "Default answer length limit in tokens.")
+    temperature: float = _setting(0.7, "chat.temperature", "SWITCHBOARD_TEMPERATURE",
+                                  "Default sampling temperature (0 = greedy).")
+    top_p: float = _setting(0.95, "chat.top_p", "SWITCHBOARD_TOP_P", "Default nucleus sampling threshold.")
+    local_device: str = _setting("auto", "local.device", "SWITCHBOARD_DEVICE",
+                                 "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    prepare_bundled: bool = _setting(True, "local.prepare_bundled", "SWITCHBOARD_PREPARE_BUNDLED",
+                                     "Convert the bundled SmolLM2 into the cache at start-up.")
+    ollama_host: str = _setting("http://127.0.0.1:11434", "ollama.host", "OLLAMA_HOST", "Ollama's address.")
+    ollama_enabled: bool = _setting(True, "ollama.enabled", "SWITCHBOARD_OLLAMA", "Offer Ollama's models.")
+    ollama_keep_alive: str = _setting("5m", "ollama.keep_alive", "SWITCHBOARD_OLLAMA_KEEP_ALIVE",
+                                      "keep_alive sent with each Ollama chat (e.g. 5m, 0, -1).")
+    connect_timeout: float = _setting(5.0, "timeouts.connect", "SWITCHBOARD_CONNECT_TIMEOUT",
+                                      "Seconds to connect to an external backend.")
+    first_token_timeout: float = _setting(120.0, "timeouts.first_token", "SWITCHBOARD_FIRST_TOKEN_TIMEOUT",
+                                          "Seconds to wait for an external model's first token.")
+    idle_timeout: float = _setting(60.0, "timeouts.idle", "SWITCHBOARD_IDLE_TIMEOUT",
+                                   "Seconds without a token before an external stream is abandoned.")
+    discovery_ttl: float = _setting(5.0, "timeouts.discovery_ttl", "SWITCHBOARD_DISCOVERY_TTL",
+                                    "Seconds a backend's model list is cached.")
+    hf_endpoints: list = _setting(["https://huggingface.co", "https://hf-mirror.com"], "models.endpoints",
+                                  "SWITCHBOARD_HF_ENDPOINTS", "Hub endpoints tried in order (comma-separated in env).")
+    connections: list = field(default_factory=list, metadata={"toml": "model_names", "env": None,
+                              "doc": "OpenAI-compatible connections, one [model_names.<key>] table each."})
+    config_path: str = field(default="", metadata={"toml": None, "env": "SWITCHBOARD_CONFIG",
+                             "doc": "TOML file to read (default <data-dir>/config.toml)."})
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.model_dir).expanduser().resolve() if self.model_dir else self.data_path / "models"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_path / "switchboard.db"
+
+
+def _coerce(name: str, value: Any, target: Any) -> Any:
+    """Turn a TOML or env value into the field's type, or explain what is wrong."""
+    kind = type(target)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is list:
+            return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"setting {name}: cannot read {value!r} as {kind.__name__}") from None
+
+
+def _toml_lookup(data: dict, dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def parse_connections(raw: Any) -> list[ConnectionConfig]:
+    """Read `[model_names.*]` tables; each needs base_url; env defaults to NO_API_KEY."""
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        raise BadRequest("model_names must be a table of connections")
+    out = []
+    for key, table in raw.items():
+        if not isinstance(table, dict) or not isinstance(table.get("base_url"), str):
+            raise BadRequest(f"[model_names.{key}] needs a base_url string")
+        models = table.get("models") or []
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise BadRequest(f"[model_names.{key}] models must be a list of strings")
+        out.append(ConnectionConfig(
+            key=str(key), name=str(table.get("name") or key), base_url=table["base_url"].rstrip("/"),
+            env=str(table.get("env") or "NO_API_KEY"), url=table.get("url"), default=table.get("default"),
+            models=list(models),
+        ))
+    return out
+
+
+def load_settings(overrides: dict | None = None, environ: dict | None = None) -> Settings:
+    """Build Settings from defaults, the TOML file, the environment and `overrides` (CLI, tests)."""
+    env = os.environ if environ is None else environ
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    settings = Settings()
+    # data_dir decides where the default config file is, so resolve it first.
+    data_dir = overrides.get("data_dir") or env.get("SWITCHBOARD_DATA_DIR") or settings.data_dir
+    config_path = overrides.get("config_path") or env.get("SWITCHBOARD_CONFIG") or str(
+        Path(data_dir).expanduser() / "config.toml")
+    toml_data: dict = {}
+    path = Path(config_path).expanduser()
+    if path.is_file():
+        try:
+            toml_data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"config file {path}: {exc}") from None
+    for f in fields(Settings):
+        if f.name in ("connections", "config_path"):
+            continue
+        value = _toml_lookup(toml_data, f.metadata["toml"])
+        if value is not None:
+            setattr(settings, f.name, _coerce(f.name, value, getattr(settings, f.name)))
+        env_name = f.metadata["env"]
+        if env_name and env.get(env_name) not in (None, ""):
+            setattr(settings, f.name, _coerce(f.name, env[env_name], getattr(settings, f.name)))
+        if f.name in overrides:
+            setattr(settings, f.name, _coerce(f.name, overrides[f.name], getattr(settings, f.name)))
+    settings.config_path = str(path)
+    settings.connections = overrides.get("connections") or parse_connections(toml_data.get("model_names"))
+    if settings.ollama_host and "://" not in settings.ollama_host:
+        settings.ollama_host = "http://" + settings.ollama_host
+    return settings

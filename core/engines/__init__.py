@@ -1,0 +1,1 @@
+"""In-process engines (one per local role): chat now; knowledge and translation later."""

@@ -1,0 +1,148 @@
+"""The local chat engine: a transformers causal LM that streams tokens from a real OS thread."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from core.concurrency import os_lock, os_queue, start_os_thread
+from core.engines.base import LOADED, LOADING, UNLOADED, UNLOADING, Engine
+from core.engines.device import pick_device, release_memory
+from core.errors import GenerationFailed
+from core.providers.base import CancelToken
+from core.types import ChatOptions, Message, StreamResult
+
+log = logging.getLogger(__name__)
+
+
+class _CancelCriteria:
+    """Stops `generate` at the next token once the cancel token is set (a StoppingCriteria)."""
+
+    def __init__(self, cancel: CancelToken) -> None:
+        self.cancel = cancel
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class TransformersChatEngine(Engine):
+    """One local chat model. `load`/`generate` block, so callers run them in OS threads."""
+
+    role = "chat"
+
+    def __init__(self, model_id: str, path: Path, device_preference: str = "auto") -> None:
+        self.model_id = model_id
+        self.path = Path(path)
+        self.device_preference = device_preference
+        self.device = "cpu"
+        self.dtype = "bfloat16"
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.state = UNLOADED
+        # Guards load/unload against each other; generation holds no lock (the provider serializes it).
+        self._lock = os_lock()
+
+    def load(self) -> None:
+        with self._lock:
+            if self.model is not None:
+                return
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.state = LOADING
+            started = time.monotonic()
+            try:
+                self.device, self.dtype = pick_device(self.device_preference)
+                self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+                model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, self.dtype))
+                self.model = model.to(self.device).eval()
+            except Exception:
+                self.model = self.tokenizer = None
+                self.state = UNLOADED
+                raise
+            self.state = LOADED
+            log.info("event=engine_load role=chat model=%s device=%s dtype=%s took_ms=%d bytes=%d",
+                     self.model_id, self.device, self.dtype, (time.monotonic() - started) * 1000,
+                     self.memory_bytes())
+
+    def unload(self) -> None:
+        with self._lock:
+            if self.model is None:
+                return
+            self.state = UNLOADING
+            self.model = None
+            self.tokenizer = None
+            release_memory(self.device)
+            self.state = UNLOADED
+
+    def is_loaded(self) -> bool:
+        return self.model is not None
+
+    def memory_bytes(self) -> int:
+        model = self.model
+        if model is None:
+            return 0
+        return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+            b.numel() * b.element_size() for b in model.buffers())
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        """Prompt length in tokens with the chat template applied."""
+        self.load()
+        ids = self.tokenizer.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt=True,
+                                                 tokenize=True)
+        return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def generate(self, messages: list[Message], options: ChatOptions, cancel: CancelToken,
+                 result: StreamResult) -> Iterator[str]:
+        """Stream the answer's text; `generate` runs in its own OS thread feeding an un-patched queue."""
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        self.load()
+        model, tokenizer = self.model, self.tokenizer
+        inputs = tokenizer.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True).to(self.device)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer.text_queue = os_queue()  # a green queue would never wake across OS threads
+        kwargs: dict[str, Any] = dict(
+            **inputs, streamer=streamer, max_new_tokens=options.max_new_tokens,
+            stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]),
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        if options.temperature > 0:
+            kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if options.stop:
+            kwargs["stop_strings"] = options.stop
+            kwargs["tokenizer"] = tokenizer
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["sequences"] = model.generate(**kwargs)
+            except BaseException as exc:  # reported to the consumer below
+                outcome["error"] = exc
+                streamer.end()
+
+        thread = start_os_thread(run, name=f"generate-{self.model_id}")
+        for text in streamer:
+            if text:
+                yield text
+        thread.join()
+        if "error" in outcome:
+            log.error("event=generation_failed model=%s error=%r", self.model_id, outcome["error"])
+            raise GenerationFailed(f"the local model failed while generating: {outcome['error']}")
+        completion = int(outcome["sequences"].shape[1]) - prompt_tokens
+        result.usage.prompt_tokens = prompt_tokens
+        result.usage.completion_tokens = completion
+        last = int(outcome["sequences"][0, -1]) if completion else None
+        if cancel.is_set():
+            result.finish_reason = "cancelled"
+        elif completion >= options.max_new_tokens and last != tokenizer.eos_token_id:
+            result.finish_reason = "length"
+        else:
+            result.finish_reason = "stop"

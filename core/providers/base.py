@@ -1,0 +1,93 @@
+"""The one interface every backend implements, so the router and chat service never special-case one."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+from core.types import ChatOptions, Message, ModelInfo, StreamResult
+
+# Rough characters-per-token ratio used when a backend offers no tokenizer.
+APPROX_CHARS_PER_TOKEN = 4
+
+
+class CancelToken(Protocol):
+    """Anything with `is_set()`; set by `stop` from another thread (a real threading.Event)."""
+
+    def is_set(self) -> bool: ...
+
+
+@dataclass
+class ProviderGroup:
+    """One dropdown group: a provider instance and its models, or why it has none."""
+
+    key: str
+    name: str
+    kind: str
+    available: bool = True
+    reason: str | None = None
+    models: list[ModelInfo] = field(default_factory=list)
+
+    def to_public(self) -> dict:
+        return {
+            "key": self.key,
+            "name": self.name,
+            "kind": self.kind,
+            "available": self.available,
+            "reason": self.reason,
+            "models": [m.to_public() for m in self.models],
+        }
+
+
+class Provider(ABC):
+    """A backend: lists its models, streams a chat, reports and unloads what it holds.
+
+    `stream_chat` is a blocking generator; the chat service runs it in a real OS thread, so it may
+    block on I/O or compute. It yields text deltas and fills `result` (finish_reason, usage) before
+    it ends. It must check `cancel.is_set()` between deltas and stop promptly (closing any HTTP
+    response) with `result.finish_reason = "cancelled"`.
+    """
+
+    key: str = ""
+    kind: str = ""
+    display_name: str = ""
+    #: How many streams one model of this provider serves at once (None: no limit here).
+    max_concurrency: int | None = None
+
+    @abstractmethod
+    def list_models(self, refresh: bool = False) -> ProviderGroup:
+        """The provider's group with its models; never raises for an unreachable backend."""
+
+    @abstractmethod
+    def stream_chat(
+        self,
+        model: ModelInfo,
+        messages: list[Message],
+        options: ChatOptions,
+        cancel: CancelToken,
+        result: StreamResult,
+    ) -> Iterator[str]:
+        """Yield the answer's text deltas; raise a core.errors.SwitchboardError on failure."""
+
+    def loaded_models(self) -> list[dict]:
+        """Models this backend holds in memory now (name, size, device…)."""
+        return []
+
+    def unload(self, model: ModelInfo | None = None) -> None:
+        """Free the memory held for `model` (or everything when None)."""
+
+    def count_tokens(self, model: ModelInfo, messages: list[Message]) -> int:
+        """Tokens the messages take in the model's context; an estimate unless overridden."""
+        return sum(len(m.content) // APPROX_CHARS_PER_TOKEN + 4 for m in messages)
+
+    def fit_context(self, model: ModelInfo, messages: list[Message], max_new_tokens: int) -> list[Message]:
+        """Drop the oldest turns (keeping system prompts and the last message) until the prompt fits."""
+        budget = max(model.context_length - max_new_tokens, 1)
+        system = [m for m in messages if m.role == "system"]
+        turns = [m for m in messages if m.role != "system"]
+        while len(turns) > 1 and self.count_tokens(model, system + turns) > budget:
+            turns.pop(0)
+            # Never start the context on an assistant turn.
+            while len(turns) > 1 and turns[0].role == "assistant":
+                turns.pop(0)
+        return system + turns

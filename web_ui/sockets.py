@@ -1,0 +1,85 @@
+"""Socket.IO handlers: validate the envelope, call core, answer with events (docs/protocol.md)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from flask import current_app, request
+
+from core.errors import BadRequest, SwitchboardError
+from web_ui.extensions import services, socketio
+
+log = logging.getLogger(__name__)
+
+
+class SocketSink:
+    """Sends one stream's events to the client that asked (its Socket.IO session id)."""
+
+    def __init__(self, sid: str) -> None:
+        self.sid = sid
+
+    def emit(self, event: str, payload: dict) -> None:
+        socketio.emit(event, payload, to=self.sid)
+
+
+def _chat_id_of(data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise BadRequest("payload must be an object")
+    return data.get("chat_id")
+
+
+def handles_errors(event: str) -> Callable:
+    """Decorator: a SwitchboardError becomes an `error` event to the sender; the connection stays usable."""
+    def wrap(fn: Callable) -> Callable:
+        def handler(data: Any = None) -> None:
+            try:
+                fn(data)
+            except SwitchboardError as exc:
+                payload = exc.to_dict()
+                if isinstance(data, dict) and isinstance(data.get("chat_id"), str):
+                    payload["chat_id"] = data["chat_id"]
+                log.warning("event=socket_error on=%s code=%s message=%s", event, exc.code, exc.message)
+                socketio.emit("error", payload, to=request.sid)
+        handler.__name__ = f"on_{event}"
+        socketio.on_event(event, handler)
+        return handler
+    return wrap
+
+
+@handles_errors("chat")
+def on_chat(data: Any) -> None:
+    svc = services()
+    job = svc.chat.accept(data)
+    sink = SocketSink(request.sid)
+    app = current_app._get_current_object()
+
+    def run() -> None:
+        with app.app_context():
+            svc.chat.run(job, sink)
+
+    socketio.start_background_task(run)
+
+
+@handles_errors("stop")
+def on_stop(data: Any) -> None:
+    services().chat.stop(_chat_id_of(data))
+
+
+@handles_errors("reset")
+def on_reset(data: Any) -> None:
+    chat_id = _chat_id_of(data)
+    services().chat.reset(chat_id)
+    socketio.emit("reset_ok", {"chat_id": chat_id}, to=request.sid)
+
+
+@handles_errors("list_models")
+def on_list_models(data: Any) -> None:
+    socketio.emit("models", services().models_payload(refresh=True), to=request.sid)
+
+
+@handles_errors("select_model")
+def on_select_model(data: Any) -> None:
+    if not isinstance(data, dict) or not isinstance(data.get("model"), str):
+        raise BadRequest("select_model needs {model: string}")
+    _, model = services().router.route(data["model"])
+    socketio.emit("model_selected", {"model": model.id}, to=request.sid)
