@@ -1,0 +1,136 @@
+"""Test helpers: a real server process on a free port, and a Socket.IO client that records events."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+import socketio
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_ID = "local:HuggingFaceTB/SmolLM2-135M-Instruct"
+GREEDY = {"temperature": 0, "max_new_tokens": 48}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python run.py` in a subprocess, bound to 127.0.0.1 on a free port, logging to a file."""
+
+    def __init__(self, data_dir: Path, model_dir: Path, env: dict | None = None, args: list[str] | None = None):
+        self.data_dir, self.model_dir = Path(data_dir), Path(model_dir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.data_dir / f"server-{self.port}.log"
+        self.extra_env = env or {}
+        self.extra_args = args or []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> "ServerProcess":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MODEL_DIR": str(self.model_dir), "PYTHONUNBUFFERED": "1",
+               "OLLAMA_HOST": f"http://127.0.0.1:{free_port()}",  # nothing listens there unless a test says so
+               **self.extra_env}
+        env.pop("SWITCHBOARD_CONFIG", None) if "SWITCHBOARD_CONFIG" not in self.extra_env else None
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "run.py"), "--data-dir", str(self.data_dir), "--port", str(self.port),
+             *self.extra_args], cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()[-3000:]}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).ok:
+                    return self
+            except requests.RequestException:
+                time.sleep(0.2)
+        raise RuntimeError(f"server did not start in {timeout}s: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 10), **kw)
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+EVENTS = ("chat_started", "delta", "done", "error", "queued", "models", "model_selected", "reset_ok")
+
+
+class EventClient:
+    """A python-socketio client that records every protocol event with its arrival time."""
+
+    def __init__(self, url: str, events: tuple[str, ...] = EVENTS, **connect_kw: Any) -> None:
+        self.sio = socketio.Client(reconnection=False)
+        self.events: list[tuple[float, str, Any]] = []
+        self.cond = threading.Condition()
+        for name in events:
+            self.sio.on(name, self._recorder(name))
+        self.sio.connect(url, wait_timeout=10, **connect_kw)
+
+    def _recorder(self, name: str) -> Callable:
+        def record(data: Any = None) -> None:
+            with self.cond:
+                self.events.append((time.monotonic(), name, data))
+                self.cond.notify_all()
+        return record
+
+    def emit(self, event: str, data: Any = None) -> None:
+        self.sio.emit(event, data)
+
+    def wait_for(self, predicate: Callable[[str, Any], bool], timeout: float = 120, start: int = 0) -> tuple:
+        """Block until an event at index >= start matches; returns (index, time, name, data)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for i in range(start, len(self.events)):
+                    t, name, data = self.events[i]
+                    if predicate(name, data):
+                        return i, t, name, data
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no matching event in {timeout}s; got {[e[1] for e in self.events]}")
+                self.cond.wait(remaining)
+
+    def wait_event(self, name: str, timeout: float = 120, start: int = 0, **match: Any) -> tuple:
+        return self.wait_for(lambda n, d: n == name and all((d or {}).get(k) == v for k, v in match.items()),
+                             timeout, start)
+
+    def wait_end(self, chat_id: str | None = None, timeout: float = 180) -> tuple:
+        """Wait for the `done` or `error` that ends a chat's stream."""
+        return self.wait_for(lambda n, d: n in ("done", "error") and (chat_id is None or (d or {}).get("chat_id") == chat_id),
+                             timeout)
+
+    def of(self, name: str, chat_id: str | None = None) -> list[Any]:
+        return [d for _, n, d in self.events if n == name and (chat_id is None or (d or {}).get("chat_id") == chat_id)]
+
+    def close(self) -> None:
+        self.sio.disconnect()
