@@ -1,0 +1,369 @@
+"""Ollama backend over its REST API (ollama/ollama docs/api.md): discovery, NDJSON chat, load state.
+
+Uses plain `requests`; no Ollama client library. Every failure becomes a core.errors type.
+"""
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from typing import Any, Iterable, Iterator
+from urllib.parse import urlsplit
+
+import requests
+from urllib3.exceptions import ReadTimeoutError
+
+from core.errors import (
+    AuthFailed,
+    ModelNotFound,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnreachable,
+    RateLimited,
+    StreamInterrupted,
+    SwitchboardError,
+)
+from core.providers.base import CancelToken, Provider, ProviderGroup
+from core.types import ChatOptions, Message, ModelInfo, StreamResult
+
+log = logging.getLogger(__name__)
+
+ID_PREFIX = "ollama:"
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def normalize_name(name: str) -> str:
+    """Ollama's `model:tag` form: a name without a tag means `:latest`; an `ollama:` id prefix is dropped."""
+    if name.startswith(ID_PREFIX):
+        name = name[len(ID_PREFIX):]
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def keep_alive_value(raw: str) -> str | int | float:
+    """What to send as keep_alive: Ollama reads bare numbers as seconds only when they are JSON
+    numbers (the string "-1" or "300" is a 400), so numeric settings are sent as numbers."""
+    text = str(raw).strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    if re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+)", text):
+        return float(text)
+    return text
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def _error_text(resp: requests.Response) -> str:
+    """Ollama's `{"error": "..."}` text, else the start of the body."""
+    try:
+        data = resp.json()
+        if isinstance(data, dict) and data.get("error"):
+            return str(data["error"])
+    except ValueError:
+        pass
+    return (resp.text or resp.reason or "").strip()[:300]
+
+
+class OllamaProvider(Provider):
+    """The models of one Ollama server (settings.ollama_host)."""
+
+    key = "ollama"
+    kind = "ollama"
+    display_name = "Ollama"
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.host = str(settings.ollama_host).rstrip("/")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._cache: tuple[float, ProviderGroup] | None = None
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _session(self) -> requests.Session:
+        """One session per thread (requests sessions are not thread-safe)."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            # A proxy from the environment must not capture a loopback Ollama.
+            session.trust_env = urlsplit(self.host).hostname not in _LOOPBACK
+            self._local.session = session
+        return session
+
+    def _url(self, path: str) -> str:
+        return self.host + path
+
+    @property
+    def _timeouts(self) -> tuple[float, float]:
+        return (float(self.settings.connect_timeout), float(self.settings.idle_timeout))
+
+    def _unreachable(self) -> ProviderUnreachable:
+        return ProviderUnreachable(f"Ollama not reachable at {self.host} — is `ollama serve` running?")
+
+    def _request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        """A short request; transport failures mapped to core.errors, status left to the caller."""
+        kw.setdefault("timeout", self._timeouts)
+        try:
+            return self._session().request(method, self._url(path), **kw)
+        except requests.exceptions.ConnectTimeout:
+            raise ProviderTimeout(f"Ollama at {self.host} did not accept a connection within "
+                                  f"{self.settings.connect_timeout:g}s") from None
+        except requests.exceptions.Timeout:
+            raise ProviderTimeout(f"Ollama at {self.host} did not answer {path} within "
+                                  f"{self.settings.idle_timeout:g}s") from None
+        except requests.exceptions.ConnectionError:
+            raise self._unreachable() from None
+
+    def _raise_for_status(self, resp: requests.Response, model: str | None = None) -> None:
+        """Map a non-2xx answer to the matching core.errors type (with Ollama's error text)."""
+        if resp.status_code < 300:
+            return
+        text = _error_text(resp)
+        status = resp.status_code
+        if status == 404 and model:
+            raise ModelNotFound(f"Ollama has no model {model!r} ({text}); run `ollama pull {model}`")
+        if status in (401, 403):
+            raise AuthFailed(f"Ollama at {self.host} refused the request ({status}): {text}")
+        if status == 429:
+            raise RateLimited(f"Ollama at {self.host} is busy (429): {text}",
+                              retry_after=_retry_after(resp.headers.get("Retry-After")))
+        raise ProviderError(f"Ollama error {status}: {text}")
+
+    # -- discovery ----------------------------------------------------------------------------
+    def list_models(self, refresh: bool = False) -> ProviderGroup:
+        """Installed models from GET /api/tags, cached for settings.discovery_ttl seconds."""
+        with self._lock:
+            if not refresh and self._cache and time.monotonic() - self._cache[0] < self.settings.discovery_ttl:
+                return self._cache[1]
+        group = self._discover()
+        with self._lock:
+            self._cache = (time.monotonic(), group)
+        return group
+
+    def _discover(self) -> ProviderGroup:
+        group = ProviderGroup(key=self.key, name=self.display_name, kind=self.kind)
+        try:
+            resp = self._request("GET", "/api/tags")
+            self._raise_for_status(resp)
+            entries = resp.json().get("models") or []
+        except ProviderUnreachable:
+            group.available, group.reason = False, f"Ollama not reachable at {self.host}"
+        except SwitchboardError as exc:
+            group.available, group.reason = False, exc.message
+        except (ValueError, AttributeError):
+            group.available, group.reason = False, f"Ollama at {self.host} sent an unreadable model list"
+        else:
+            group.models = sorted((self._model_info(e) for e in entries if isinstance(e, dict) and e.get("name")),
+                                  key=lambda m: m.name)
+            log.debug("ollama: %d model(s) at %s", len(group.models), self.host)
+            return group
+        log.info("ollama: unavailable: %s", group.reason)
+        return group
+
+    def _model_info(self, entry: dict) -> ModelInfo:
+        name = str(entry["name"])
+        details = entry.get("details") or {}
+        return ModelInfo(
+            id=ID_PREFIX + name, name=name, provider=self.kind, connection=self.key, native_name=name,
+            details={
+                "parameter_size": details.get("parameter_size"),
+                "quantization_level": details.get("quantization_level"),
+                "family": details.get("family"),
+                "size": entry.get("size"),
+            },
+        )
+
+    # -- chat ---------------------------------------------------------------------------------
+    def _chat_body(self, model: ModelInfo, messages: list[Message], options: ChatOptions) -> dict:
+        opts: dict[str, Any] = {"temperature": options.temperature, "top_p": options.top_p,
+                                "num_predict": options.max_new_tokens}
+        if options.stop:
+            opts["stop"] = list(options.stop)
+        return {"model": model.native_name, "messages": [m.to_dict() for m in messages], "stream": True,
+                "options": opts, "keep_alive": keep_alive_value(self.settings.ollama_keep_alive)}
+
+    def stream_chat(
+        self,
+        model: ModelInfo,
+        messages: list[Message],
+        options: ChatOptions,
+        cancel: CancelToken,
+        result: StreamResult,
+    ) -> Iterator[str]:
+        """POST /api/chat (stream) and yield message.content deltas.
+
+        Raises ProviderUnreachable, ModelNotFound (404), AuthFailed (401/403), RateLimited (429),
+        ProviderError (other statuses, Ollama's mid-stream error line), ProviderTimeout (connect,
+        first token, idle) or StreamInterrupted (connection dropped, no final `done` object).
+        """
+        name = model.native_name
+        first_s = float(self.settings.first_token_timeout)
+        idle_s = float(self.settings.idle_timeout)
+        started = time.monotonic()
+        try:
+            resp = self._session().post(self._url("/api/chat"), json=self._chat_body(model, messages, options),
+                                        stream=True, timeout=(float(self.settings.connect_timeout), first_s))
+        except requests.exceptions.ConnectTimeout:
+            raise ProviderTimeout(f"Ollama at {self.host} did not accept a connection within "
+                                  f"{self.settings.connect_timeout:g}s") from None
+        except requests.exceptions.Timeout:
+            raise ProviderTimeout(f"Ollama sent no token from {name} within {first_s:g}s") from None
+        except requests.exceptions.ConnectionError:
+            raise self._unreachable() from None
+        log.info("ollama: chat %s started (%d message(s))", name, len(messages))
+        try:
+            if resp.status_code != 200:
+                self._raise_for_status(resp, model=name)
+            got_first = False
+            for obj in self._ndjson(resp, name, first_s, idle_s, lambda: got_first):
+                if cancel.is_set():
+                    result.finish_reason = "cancelled"
+                    log.info("ollama: chat %s cancelled", name)
+                    return
+                if obj.get("error"):
+                    raise ProviderError(f"Ollama error while generating with {name}: {obj['error']}")
+                if not got_first:
+                    got_first = True
+                    self._set_read_timeout(resp, idle_s)
+                content = (obj.get("message") or {}).get("content") or ""
+                if content:
+                    yield content
+                    if cancel.is_set():
+                        result.finish_reason = "cancelled"
+                        log.info("ollama: chat %s cancelled", name)
+                        return
+                if obj.get("done"):
+                    result.finish_reason = "length" if obj.get("done_reason") == "length" else "stop"
+                    result.usage.prompt_tokens = int(obj.get("prompt_eval_count") or 0)
+                    result.usage.completion_tokens = int(obj.get("eval_count") or 0)
+                    log.info("ollama: chat %s done (%s, %d+%d tokens, %.2fs)", name, result.finish_reason,
+                             result.usage.prompt_tokens, result.usage.completion_tokens,
+                             time.monotonic() - started)
+                    return
+            raise StreamInterrupted(f"Ollama's answer from {name} ended before it was complete")
+        finally:
+            resp.close()
+
+    def _ndjson(self, resp: requests.Response, name: str, first_s: float, idle_s: float,
+                got_first: Any) -> Iterator[dict]:
+        """Objects from the NDJSON body; transport failures mapped to core.errors."""
+        buf = b""
+        chunks = iter(resp.iter_content(chunk_size=None))
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, socket.timeout) as exc:
+                if isinstance(exc, (requests.exceptions.Timeout, socket.timeout)) or (
+                        exc.args and isinstance(exc.args[0], ReadTimeoutError)):
+                    if got_first():
+                        raise ProviderTimeout(f"Ollama's stream from {name} stalled: no token for {idle_s:g}s") from None
+                    raise ProviderTimeout(f"Ollama sent no token from {name} within {first_s:g}s") from None
+                raise StreamInterrupted(f"Ollama's connection dropped while {name} was answering") from None
+            except requests.exceptions.RequestException:
+                raise StreamInterrupted(f"Ollama's connection dropped while {name} was answering") from None
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield self._parse_line(line, name)
+        if buf.strip():
+            yield self._parse_line(buf, name)
+
+    @staticmethod
+    def _parse_line(line: bytes, name: str) -> dict:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            raise ProviderError(f"Ollama sent an unreadable line while {name} was answering") from None
+        if not isinstance(obj, dict):
+            raise ProviderError(f"Ollama sent an unexpected line while {name} was answering")
+        return obj
+
+    @staticmethod
+    def _set_read_timeout(resp: requests.Response, seconds: float) -> None:
+        """Switch the open socket from the first-token timeout to the idle timeout."""
+        try:
+            sock = resp.raw.connection.sock  # urllib3 2.x keeps the connection on a streamed response
+            if sock is not None:
+                sock.settimeout(seconds)
+        except AttributeError:
+            log.debug("ollama: cannot reach the socket to set the idle timeout")
+
+    # -- load state ---------------------------------------------------------------------------
+    def _ps(self) -> list[dict]:
+        resp = self._request("GET", "/api/ps")
+        self._raise_for_status(resp)
+        try:
+            models = resp.json().get("models") or []
+        except (ValueError, AttributeError):
+            raise ProviderError(f"Ollama at {self.host} sent an unreadable /api/ps answer") from None
+        return [m for m in models if isinstance(m, dict) and m.get("name")]
+
+    def loaded_models(self) -> list[dict]:
+        """GET /api/ps: name, size, size_vram, expires_at, device ("gpu", "cpu" or "gpu+cpu")."""
+        try:
+            models = self._ps()
+        except SwitchboardError as exc:
+            log.info("ollama: cannot list loaded models: %s", exc.message)
+            return []
+        out = []
+        for m in models:
+            size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
+            device = "cpu" if vram <= 0 else ("gpu" if vram >= size else "gpu+cpu")
+            out.append({"name": m["name"], "size": size, "size_vram": vram,
+                        "expires_at": m.get("expires_at"), "device": device})
+        return out
+
+    def unload(self, model: ModelInfo | str | None = None) -> None:
+        """Ask Ollama to unload `model` (or every loaded one) with keep_alive 0; a stopped Ollama holds nothing."""
+        try:
+            if model is None:
+                names = [m["name"] for m in self._ps()]
+            else:
+                names = [model.native_name if isinstance(model, ModelInfo) else normalize_name(model)]
+            for name in names:
+                resp = self._request("POST", "/api/generate", json={"model": name, "keep_alive": 0})
+                if resp.status_code == 404:
+                    log.info("ollama: unload %s: not installed", name)
+                    continue
+                self._raise_for_status(resp)
+                log.info("ollama: unload %s requested", name)
+        except ProviderUnreachable:
+            log.info("ollama: unload skipped, Ollama not reachable at %s", self.host)
+
+    def wait_unloaded(self, names: Iterable[str], timeout: float = 10.0, poll: float = 0.25) -> bool:
+        """Poll /api/ps until none of `names` is loaded; False when `timeout` passes first."""
+        wanted = {normalize_name(n) for n in names}
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                loaded = {normalize_name(m["name"]) for m in self._ps()}
+            except ProviderUnreachable:
+                loaded = set()  # a stopped Ollama holds no memory
+            except SwitchboardError as exc:
+                log.debug("ollama: /api/ps failed while waiting: %s", exc.message)
+                loaded = wanted
+            if not wanted & loaded:
+                log.info("ollama: unloaded %s", ", ".join(sorted(wanted)) or "(nothing)")
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("ollama: still loaded after %.1fs: %s", timeout, ", ".join(sorted(wanted & loaded)))
+                return False
+            time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
