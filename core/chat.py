@@ -23,6 +23,9 @@ from core.types import ChatOptions, Message, ModelInfo, StreamResult
 
 log = logging.getLogger(__name__)
 
+# After `stop`, how long to wait for a silent backend to notice before ending the stream anyway.
+ABANDON_AFTER_CANCEL_S = 2.0
+
 
 class Sink(Protocol):
     """Where a stream's events go (one Socket.IO client, an SSE response, a collector)."""
@@ -169,8 +172,19 @@ class ChatService:
         started = time.perf_counter()
         first = None
         start_os_thread(pump, name=f"stream-{job.chat_id[:8]}")
+        cancelled_at = None
         while True:
-            kind, value = poll_get(events)
+            try:
+                kind, value = poll_get(events, timeout=0.25)
+            except TimeoutError:
+                # A backend that is silent (e.g. Ollama still loading) only sees the cancel at its next
+                # chunk; don't keep the client waiting for it. The pump closes its stream when it wakes.
+                if job.cancel.is_set():
+                    cancelled_at = cancelled_at or time.perf_counter()
+                    if time.perf_counter() - cancelled_at > ABANDON_AFTER_CANCEL_S:
+                        log.warning("event=stream_abandoned chat=%s reason=no_chunk_after_stop", job.chat_id)
+                        break
+                continue
             if kind == "delta":
                 if first is None:
                     first = time.perf_counter()

@@ -1,0 +1,47 @@
+# Two commands for a fresh machine: `make run` (install + serve) and `make test` (install + test).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+HOST   ?= 127.0.0.1
+PORT   ?= 5000
+
+.PHONY: run test install install-dev browser llama-cpp bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch is pinned to 2.13.0 in requirements.txt: pip takes the CPU wheel from local disk.
+$(VENV)/.installed: $(BIN)/python requirements.txt requirements-bundled.txt
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-bundled.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev browser llama-cpp
+
+## Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium; it never downloads one).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium)
+
+## llama-cpp-python[server] for the OpenAI-compatible integration tests, from a cached wheel (built once, ~8 min).
+llama-cpp: $(VENV)/.installed-dev
+	$(BIN)/python tests/peers/install_llama_cpp.py
+
+run: install
+	$(BIN)/python run.py --host $(HOST) --port $(PORT)
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+bench: install-dev
+	$(BIN)/python benchmarks/stream_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

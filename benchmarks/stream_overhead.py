@@ -1,0 +1,91 @@
+"""What does streaming through the server cost? Local engine directly vs the same through Socket.IO.
+
+Runs (a) the bundled model straight from TransformersChatEngine and (b) the same prompt through a
+running `python run.py` with a python-socketio client, alternating, several rounds, in one run
+(machines here are noisy, so only same-run ratios mean anything). Prints tokens/s of each, their
+ratio (goal >= 0.98) and the added time to first token (goal < 5 ms).
+
+    .venv/bin/python benchmarks/stream_overhead.py [--rounds 5] [--tokens 128]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.concurrency import os_event  # noqa: E402
+from core.engines.chat import TransformersChatEngine  # noqa: E402
+from core.models.bundled import ensure_bundled_model  # noqa: E402
+from core.models.cache import ModelCache  # noqa: E402
+from core.models.catalog import BUNDLED_REPO  # noqa: E402
+from core.types import ChatOptions, Message, StreamResult  # noqa: E402
+from tests.helpers import BUNDLED_ID, EventClient, ServerProcess  # noqa: E402
+
+PROMPT = "Write a long story about a lighthouse keeper and a storm."
+DEFAULT_MODEL_DIR = Path.home() / ".cache" / "switchboard" / "test-models"
+
+
+def direct(engine: TransformersChatEngine, tokens: int) -> tuple[float, float]:
+    """(ttft_s, tokens_per_s) generating straight from the engine."""
+    result = StreamResult()
+    started = time.perf_counter()
+    first = last = None
+    for _ in engine.generate([Message("user", PROMPT)], ChatOptions(tokens, 0.0, 1.0), os_event(), result):
+        last = time.perf_counter()
+        first = first or last
+    return first - started, (result.usage.completion_tokens - 1) / (last - first)
+
+
+def through_server(client: EventClient, tokens: int) -> tuple[float, float]:
+    """(ttft_s, tokens_per_s) as a Socket.IO client sees them."""
+    start = len(client.events)
+    sent = time.perf_counter()
+    client.emit("chat", {"model": BUNDLED_ID, "content": PROMPT, "options": {"temperature": 0, "max_new_tokens": tokens}})
+    _, _, name, done = client.wait_for(lambda n, d: n in ("done", "error"), start=start, timeout=300)
+    if name != "done":
+        raise RuntimeError(done)
+    arrivals = [t for t, n, _ in client.events[start:] if n == "delta"]
+    # EventClient stamps with monotonic(); convert the send time onto the same clock.
+    sent_mono = time.monotonic() - (time.perf_counter() - sent)
+    return arrivals[0] - sent_mono, (done["usage"]["completion_tokens"] - 1) / (arrivals[-1] - arrivals[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    args = parser.parse_args()
+    cache = ModelCache(args.model_dir)
+    ensure_bundled_model(cache)
+    engine = TransformersChatEngine(BUNDLED_REPO, cache.path_for(BUNDLED_REPO))
+    engine.load()
+    direct(engine, 8)  # warm-up
+    with tempfile.TemporaryDirectory() as data, ServerProcess(Path(data), args.model_dir) as server:
+        client = EventClient(server.url)
+        through_server(client, 8)  # warm-up: loads the model in the server
+        rows = []
+        for i in range(args.rounds):
+            d_ttft, d_tps = direct(engine, args.tokens)
+            s_ttft, s_tps = through_server(client, args.tokens)
+            rows.append((d_ttft, d_tps, s_ttft, s_tps))
+            print(f"round {i + 1}: direct {d_tps:6.2f} tok/s ttft {d_ttft * 1000:6.1f} ms | "
+                  f"server {s_tps:6.2f} tok/s ttft {s_ttft * 1000:6.1f} ms")
+        client.close()
+    d_tps = statistics.median(r[1] for r in rows)
+    s_tps = statistics.median(r[3] for r in rows)
+    added = statistics.median(r[2] - r[0] for r in rows) * 1000
+    print(f"\nmedian of {args.rounds} rounds, {args.tokens} tokens, greedy, bundled SmolLM2 on {engine.device}/{engine.dtype}")
+    print(f"direct engine       : {d_tps:.2f} tokens/s")
+    print(f"through Socket.IO   : {s_tps:.2f} tokens/s")
+    print(f"ratio server/direct : {s_tps / d_tps:.3f}  (goal >= 0.98)")
+    print(f"added TTFT          : {added:+.1f} ms  (goal < 5 ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The chat page in a real browser: Debian's Chromium driven by Playwright against a real server."""
+from __future__ import annotations
+
+import shutil
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.helpers import BUNDLED_ID
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which(CHROMIUM):
+        pytest.fail("Debian's chromium is not installed: run `make browser` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    page = context.new_page()
+    page.foreign_requests = []
+    page.on("request", lambda r: urlparse(r.url).hostname != "127.0.0.1" and page.foreign_requests.append(r.url))
+    page.on("dialog", lambda d: d.accept())
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#conn-status').textContent.trim() === 'connected'",
+                           timeout=15000)
+    page.wait_for_function("document.querySelectorAll('#model-select optgroup').length > 0")
+    yield page
+    context.close()
+
+
+def send(page, text: str) -> None:
+    page.fill("#prompt", text)
+    page.click("#send")
+
+
+def wait_idle(page, timeout: int = 180000) -> None:
+    page.wait_for_function("!document.querySelector('#send').disabled", timeout=timeout)
+
+
+def test_france_question_streams_paris_and_stop_and_reload(page):
+    page.select_option("#model-select", BUNDLED_ID)
+    disabled = page.eval_on_selector_all("#model-select option:disabled", "os => os.map(o => o.textContent)")
+    assert any("not downloaded" in text for text in disabled), disabled
+
+    send(page, "What is the capital of France?")
+    page.wait_for_function("document.querySelector('#stop') && !document.querySelector('#stop').disabled",
+                           timeout=10000)
+    wait_idle(page)
+    answer = page.locator(".message.assistant .content").last.inner_text()
+    assert "Paris" in answer
+    assert "tok/s" in page.locator(".message.assistant .meta").last.inner_text()
+
+    send(page, "Write a very long story about a lighthouse keeper, at least 500 words.")
+    page.wait_for_function(
+        "(() => { const a = [...document.querySelectorAll('.message.assistant .content')].pop();"
+        " return a && a.textContent.length > 40; })()", timeout=120000)
+    page.click("#stop")
+    wait_idle(page, 30000)
+    last = page.locator(".message.assistant").last
+    assert "cancelled" in last.inner_text()
+
+    chat_id = page.evaluate("location.hash.slice(1)")
+    page.reload()
+    page.wait_for_function(f"!!document.querySelector(\"#chat-list .chat-item[data-chat-id='{chat_id}']\")",
+                           timeout=15000)
+    assert page.locator(f"#chat-list .chat-item[data-chat-id='{chat_id}']").count() == 1
+    assert page.foreign_requests == []
+
+
+def test_html_in_a_message_is_shown_as_text_and_runs_nothing(page):
+    page.select_option("#model-select", BUNDLED_ID)
+    page.evaluate("window.__xss = undefined")
+    payload = "<img src=x onerror=alert(1)> <img src=y onerror=\"window.__xss=1\"> reply with one word"
+    alerts = []
+    page.on("dialog", lambda d: alerts.append(d.message))
+    send(page, payload)
+    wait_idle(page)
+    user = page.locator(".message.user .content").last
+    assert user.text_content() == payload
+    assert user.locator("img").count() == 0
+    assert page.evaluate("window.__xss === undefined")
+    assert page.evaluate("!document.querySelector('#messages [onerror], #messages script')")
+    assert alerts == []
