@@ -13,13 +13,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from core.concurrency import os_event, os_queue, poll_get, start_os_thread
+from core.admission import Admission
+from core.concurrency import os_event, os_queue, poll_get, run_blocking, start_os_thread
 from core.config import Settings
 from core.errors import BadRequest, Busy, EmptyContent, NotFound, SwitchboardError, TooLong
 from core.providers.base import Provider
 from core.router import Router
-from core.storage import ChatStore
-from core.types import ChatOptions, Message, ModelInfo, StreamResult
+from core.reasoning import Reasoning, ThinkSplitter
+from core.storage import ChatStore, new_id
+from core.types import ROLES, ChatOptions, Message, ModelInfo, StreamResult
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +37,32 @@ class Sink(Protocol):
 
 @dataclass
 class ChatJob:
-    """One accepted message and its answer in flight."""
+    """One accepted request and its answer in flight.
+
+    A stored job belongs to a chat (history from SQLite, answer stored); a stateless job (the /v1
+    API) carries its own `messages` and stores nothing.
+    """
 
     chat_id: str
     message_id: str
     provider: Provider
     model: ModelInfo
     options: ChatOptions
+    query: str = ""
+    knowledge: bool | str = False
+    messages: list[Message] | None = None
     cancel: Any = field(default_factory=os_event)
-    ticket: int = 0
+
+    @property
+    def stored(self) -> bool:
+        return self.messages is None
 
 
-class ModelQueue:
-    """First-come-first-served admission for a model that serves `limit` streams at once."""
+class KnowledgeAugmenter(Protocol):
+    """Adds retrieved document excerpts to a prompt (the knowledge engine implements this)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.running = 0
-        self.waiting: list[ChatJob] = []
-        self.cond = threading.Condition()
-
-    def position(self, job: ChatJob) -> int:
-        return self.waiting.index(job) + 1 if job in self.waiting else 0
+    def augment(self, messages: list[Message], query: str, collection: str | None,
+                model: ModelInfo) -> tuple[list[Message], list[dict]]: ...
 
 
 def _field(payload: dict, name: str, kind: type, required: bool = True) -> Any:
@@ -69,32 +75,45 @@ def _field(payload: dict, name: str, kind: type, required: bool = True) -> Any:
 
 
 class ChatService:
-    """Owns the chats being answered right now; everything persistent goes through ChatStore."""
+    """Owns the answers being streamed right now; everything persistent goes through ChatStore."""
 
-    def __init__(self, store: ChatStore, router: Router, settings: Settings) -> None:
+    def __init__(self, store: ChatStore, router: Router, settings: Settings,
+                 knowledge: KnowledgeAugmenter | None = None) -> None:
         self.store = store
         self.router = router
         self.settings = settings
+        self.knowledge = knowledge
         self.active: dict[str, ChatJob] = {}
-        self._queues: dict[str, ModelQueue] = {}
+        self.admission = Admission()
         self._lock = threading.Lock()
 
-    # -- accepting a message ---------------------------------------------------------------------
-    def accept(self, payload: Any) -> ChatJob:
-        """Validate and store a user message; raises a SwitchboardError (nothing stored) if rejected."""
-        if not isinstance(payload, dict):
-            raise BadRequest("chat payload must be an object")
-        content = payload.get("content")
+    # -- accepting a request ---------------------------------------------------------------------
+    def _options(self, raw: Any) -> ChatOptions:
+        defaults = ChatOptions(self.settings.max_new_tokens, self.settings.temperature, self.settings.top_p)
+        return ChatOptions.from_dict(raw, defaults)
+
+    def _check_content(self, content: Any, name: str = "content") -> str:
         if not isinstance(content, str):
-            raise BadRequest("content must be a string")
+            raise BadRequest(f"{name} must be a string")
         if not content.strip():
             raise EmptyContent("empty content: type a message first")
         if len(content) > self.settings.max_content_chars:
             raise TooLong(f"message is {len(content)} characters; the limit is {self.settings.max_content_chars}")
+        return content
+
+    def accept(self, payload: Any) -> ChatJob:
+        """Validate and store a user message; raises a SwitchboardError (nothing stored) if rejected."""
+        if not isinstance(payload, dict):
+            raise BadRequest("chat payload must be an object")
+        content = self._check_content(payload.get("content"))
         model_id = _field(payload, "model", str)
         chat_id = _field(payload, "chat_id", str, required=False)
-        defaults = ChatOptions(self.settings.max_new_tokens, self.settings.temperature, self.settings.top_p)
-        options = ChatOptions.from_dict(payload.get("options"), defaults)
+        knowledge = payload.get("knowledge", False)
+        if not isinstance(knowledge, (bool, str)) or knowledge is None:
+            raise BadRequest("knowledge must be true/false or a collection id")
+        if knowledge and self.knowledge is None:
+            raise BadRequest("knowledge-assisted chat is not available on this server")
+        options = self._options(payload.get("options"))
         provider, model = self.router.route(model_id)
         with self._lock:
             if chat_id is not None:
@@ -106,31 +125,56 @@ class ChatService:
                 chat_id = self.store.create_chat(content.strip().splitlines()[0], model.id)
             self.store.add_message(chat_id, "user", content, model.id, "complete")
             message_id = self.store.add_message(chat_id, "assistant", "", model.id, "streaming")
-            job = ChatJob(chat_id, message_id, provider, model, options)
+            job = ChatJob(chat_id, message_id, provider, model, options, query=content, knowledge=knowledge)
             self.active[chat_id] = job
         log.info("event=chat_accepted chat=%s message=%s model=%s", chat_id, message_id, model.id)
         return job
+
+    def accept_stateless(self, model_id: Any, messages: Any, options: Any) -> ChatJob:
+        """A request that brings its own conversation (the /v1 API): routed and admitted, never stored."""
+        if not isinstance(model_id, str) or not model_id:
+            raise BadRequest("model must be a non-empty string")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("messages must be a non-empty list")
+        parsed = []
+        for i, item in enumerate(messages):
+            if not isinstance(item, dict) or item.get("role") not in ROLES:
+                raise BadRequest(f"messages[{i}] needs a role of {', '.join(ROLES)}")
+            content = item.get("content")
+            if isinstance(content, list):  # OpenAI content parts: keep the text ones
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            if not isinstance(content, str):
+                raise BadRequest(f"messages[{i}].content must be a string")
+            parsed.append(Message(item["role"], content))
+        self._check_content(parsed[-1].content, "the last message's content")
+        provider, model = self.router.route(model_id)
+        message_id = new_id()
+        return ChatJob(message_id, message_id, provider, model, self._options(options), query=parsed[-1].content,
+                       messages=parsed)
 
     # -- answering -------------------------------------------------------------------------------
     def run(self, job: ChatJob, sink: Sink) -> None:
         """Stream the answer of an accepted job to `sink`; always ends with `done` or `error`."""
         sink.emit("chat_started", {"chat_id": job.chat_id, "message_id": job.message_id, "model": job.model.id})
-        parts: list[str] = []
+        parts: dict[str, list[str]] = {"content": [], "reasoning": []}
         try:
-            admitted = self._admit(job, sink)
+            limit = job.provider.max_concurrency
+            admitted = self.admission.acquire(
+                job.model.id, limit, job, job.cancel.is_set,
+                lambda pos: sink.emit("queued", {"chat_id": job.chat_id, "position": pos}))
             try:
-                if not admitted:
-                    result = StreamResult(finish_reason="cancelled")
-                    timings = {"ttft_ms": None, "tokens_per_s": None}
-                else:
+                if admitted:
                     result, timings = self._stream(job, sink, parts)
+                else:
+                    result, timings = StreamResult(finish_reason="cancelled"), {"ttft_ms": None, "tokens_per_s": None}
             finally:
                 if admitted:
-                    self._release(job)
+                    self.admission.release(job.model.id, limit)
             status = "cancelled" if result.finish_reason == "cancelled" else "complete"
-            self.store.finish_message(job.message_id, content="".join(parts), status=status,
-                                      finish_reason=result.finish_reason, usage=result.usage.to_dict(),
-                                      timings=timings)
+            if job.stored:
+                self.store.finish_message(job.message_id, content="".join(parts["content"]), status=status,
+                                          finish_reason=result.finish_reason, usage=result.usage.to_dict(),
+                                          timings=timings, reasoning="".join(parts["reasoning"]) or None)
             sink.emit("done", {"chat_id": job.chat_id, "message_id": job.message_id,
                                "finish_reason": result.finish_reason, "usage": result.usage.to_dict(),
                                "timings": timings})
@@ -144,35 +188,49 @@ class ChatService:
             self._fail(job, sink, parts, SwitchboardError(f"internal error: {exc}"))
         finally:
             with self._lock:
-                self.active.pop(job.chat_id, None)
+                if self.active.get(job.chat_id) is job:
+                    del self.active[job.chat_id]
 
-    def _fail(self, job: ChatJob, sink: Sink, parts: list[str], exc: SwitchboardError) -> None:
-        text = "".join(parts)
-        self.store.finish_message(job.message_id, content=text, status="incomplete" if text else "error",
-                                  error_code=exc.code)
+    def _fail(self, job: ChatJob, sink: Sink, parts: dict[str, list[str]], exc: SwitchboardError) -> None:
+        text = "".join(parts["content"])
+        if job.stored:
+            self.store.finish_message(job.message_id, content=text, status="incomplete" if text else "error",
+                                      error_code=exc.code, reasoning="".join(parts["reasoning"]) or None)
         log.error("event=chat_error chat=%s model=%s code=%s message=%s", job.chat_id, job.model.id,
                   exc.code, exc.message)
         sink.emit("error", {"chat_id": job.chat_id, "message_id": job.message_id, **exc.to_dict()})
 
-    def _stream(self, job: ChatJob, sink: Sink, parts: list[str]) -> tuple[StreamResult, dict]:
-        history = [Message(m["role"], m["content"]) for m in self.store.context_messages(job.chat_id)
-                   if m["id"] != job.message_id]
-        messages = job.provider.fit_context(job.model, history, job.options.max_new_tokens)
+    def _prompt(self, job: ChatJob, sink: Sink) -> list[Message]:
+        """The messages to send: history (or the client's own), knowledge excerpts, trimmed to fit."""
+        if job.stored:
+            messages = [Message(m["role"], m["content"]) for m in self.store.context_messages(job.chat_id)
+                        if m["id"] != job.message_id]
+        else:
+            messages = list(job.messages or [])
+        if job.knowledge and self.knowledge is not None:
+            collection = job.knowledge if isinstance(job.knowledge, str) else None
+            messages, sources = run_blocking(self.knowledge.augment, messages, job.query, collection, job.model)
+            sink.emit("citations", {"chat_id": job.chat_id, "message_id": job.message_id, "sources": sources})
+        return job.provider.fit_context(job.model, messages, job.options.max_new_tokens)
+
+    def _stream(self, job: ChatJob, sink: Sink, parts: dict[str, list[str]]) -> tuple[StreamResult, dict]:
+        messages = self._prompt(job, sink)
         result = StreamResult()
         events = os_queue()
 
         def pump() -> None:
             try:
-                for text in job.provider.stream_chat(job.model, messages, job.options, job.cancel, result):
-                    events.put(("delta", text))
+                for piece in job.provider.stream_chat(job.model, messages, job.options, job.cancel, result):
+                    events.put(("piece", piece))
                 events.put(("end", None))
             except BaseException as exc:  # handed to the consumer
                 events.put(("error", exc))
 
+        splitter = ThinkSplitter()
         started = time.perf_counter()
         first = None
-        start_os_thread(pump, name=f"stream-{job.chat_id[:8]}")
         cancelled_at = None
+        start_os_thread(pump, name=f"stream-{job.chat_id[:8]}")
         while True:
             try:
                 kind, value = poll_get(events, timeout=0.25)
@@ -185,15 +243,17 @@ class ChatService:
                         log.warning("event=stream_abandoned chat=%s reason=no_chunk_after_stop", job.chat_id)
                         break
                 continue
-            if kind == "delta":
-                if first is None:
-                    first = time.perf_counter()
-                parts.append(value)
-                sink.emit("delta", {"chat_id": job.chat_id, "message_id": job.message_id, "content": value})
-            elif kind == "end":
-                break
-            else:
+            if kind == "error":
+                for piece_kind, text in splitter.flush():
+                    self._emit_piece(job, sink, parts, piece_kind, text)
                 raise value
+            pieces = splitter.flush() if kind == "end" else (
+                [("reasoning", value.text)] if isinstance(value, Reasoning) else splitter.feed(value))
+            for piece_kind, text in pieces:
+                first = first or time.perf_counter()
+                self._emit_piece(job, sink, parts, piece_kind, text)
+            if kind == "end":
+                break
         if job.cancel.is_set():
             result.finish_reason = "cancelled"
         ended = time.perf_counter()
@@ -204,41 +264,11 @@ class ChatService:
         }
         return result, timings
 
-    # -- admission (one stream at a time per local model) ----------------------------------------
-    def _admit(self, job: ChatJob, sink: Sink) -> bool:
-        """Wait for the model's turn, telling the client its place; False if stopped while waiting."""
-        limit = job.provider.max_concurrency
-        if not limit:
-            return True
-        with self._lock:
-            queue = self._queues.setdefault(job.model.id, ModelQueue(limit))
-        with queue.cond:
-            queue.waiting.append(job)
-            told = 0
-            while True:
-                if job.cancel.is_set():
-                    queue.waiting.remove(job)
-                    queue.cond.notify_all()
-                    return False
-                position = queue.position(job)
-                if queue.running < queue.limit and position == 1:
-                    queue.waiting.remove(job)
-                    queue.running += 1
-                    queue.cond.notify_all()
-                    return True
-                ahead = position + queue.running - queue.limit
-                if ahead != told:
-                    told = ahead
-                    sink.emit("queued", {"chat_id": job.chat_id, "position": ahead})
-                queue.cond.wait(timeout=0.25)
-
-    def _release(self, job: ChatJob) -> None:
-        queue = self._queues.get(job.model.id)
-        if queue is None or not job.provider.max_concurrency:
-            return
-        with queue.cond:
-            queue.running -= 1
-            queue.cond.notify_all()
+    @staticmethod
+    def _emit_piece(job: ChatJob, sink: Sink, parts: dict[str, list[str]], kind: str, text: str) -> None:
+        parts[kind].append(text)
+        sink.emit("delta" if kind == "content" else "reasoning",
+                  {"chat_id": job.chat_id, "message_id": job.message_id, "content": text})
 
     # -- control ---------------------------------------------------------------------------------
     def stop(self, chat_id: Any) -> bool:
