@@ -6,12 +6,17 @@ mirrors this table. The TOML file is `<data-dir>/config.toml` unless SWITCHBOARD
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from core.errors import BadRequest
+
+
+RESERVED_CONNECTION_KEYS = ("local", "ollama")
+CONNECTION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 def _setting(default: Any, toml: str, env: str | None, doc: str, **kw: Any) -> Any:
@@ -128,6 +133,9 @@ def parse_connections(raw: Any) -> list[ConnectionConfig]:
         raise BadRequest("model_names must be a table of connections")
     out = []
     for key, table in raw.items():
+        if key in RESERVED_CONNECTION_KEYS or not CONNECTION_KEY.match(str(key)):
+            raise BadRequest(f"[model_names.{key}]: a connection key must be letters, digits, '-' or '_' "
+                             f"and not one of {', '.join(RESERVED_CONNECTION_KEYS)}")
         if not isinstance(table, dict) or not isinstance(table.get("base_url"), str):
             raise BadRequest(f"[model_names.{key}] needs a base_url string")
         models = table.get("models") or []

@@ -158,8 +158,7 @@ def test_reset_starts_a_fresh_context_and_keeps_history(server, client):
     client.wait_event("reset_ok", chat_id=chat_id, timeout=10)
     start = len(client.events)
     chat(client, FRANCE, chat_id=chat_id)
-    client.wait_end(chat_id, timeout=120) if False else client.wait_for(
-        lambda n, d: n in ("done", "error") and d.get("chat_id") == chat_id, start=start)
+    client.wait_for(lambda n, d: n in ("done", "error") and d.get("chat_id") == chat_id, start=start)
     messages = server.get(f"/api/chats/{chat_id}").json()["messages"]
     assert len(messages) == 4
     assert [m["in_context"] for m in messages] == [False, False, True, True]
