@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 from core.admission import Admission
 from core.concurrency import os_event, os_queue, poll_get, run_blocking, start_os_thread
@@ -20,6 +21,7 @@ from core.errors import BadRequest, Busy, EmptyContent, NotFound, SwitchboardErr
 from core.providers.base import Provider
 from core.router import Router
 from core.reasoning import Reasoning, ThinkSplitter
+from core.resources.manager import ResourceManager
 from core.storage import ChatStore, new_id
 from core.types import ROLES, ChatOptions, Message, ModelInfo, StreamResult
 
@@ -78,11 +80,12 @@ class ChatService:
     """Owns the answers being streamed right now; everything persistent goes through ChatStore."""
 
     def __init__(self, store: ChatStore, router: Router, settings: Settings,
-                 knowledge: KnowledgeAugmenter | None = None) -> None:
+                 knowledge: KnowledgeAugmenter | None = None, resources: ResourceManager | None = None) -> None:
         self.store = store
         self.router = router
         self.settings = settings
         self.knowledge = knowledge
+        self.resources = resources
         self.active: dict[str, ChatJob] = {}
         self.admission = Admission()
         self._lock = threading.Lock()
@@ -164,7 +167,9 @@ class ChatService:
                 lambda pos: sink.emit("queued", {"chat_id": job.chat_id, "position": pos}))
             try:
                 if admitted:
-                    result, timings = self._stream(job, sink, parts)
+                    messages = self._prompt(job, sink)
+                    with self._claim(job):
+                        result, timings = self._stream(job, messages, sink, parts)
                 else:
                     result, timings = StreamResult(finish_reason="cancelled"), {"ttft_ms": None, "tokens_per_s": None}
             finally:
@@ -213,8 +218,18 @@ class ChatService:
             sink.emit("citations", {"chat_id": job.chat_id, "message_id": job.message_id, "sources": sources})
         return job.provider.fit_context(job.model, messages, job.options.max_new_tokens)
 
-    def _stream(self, job: ChatJob, sink: Sink, parts: dict[str, list[str]]) -> tuple[StreamResult, dict]:
-        messages = self._prompt(job, sink)
+    def _claim(self, job: ChatJob) -> ContextManager[Any]:
+        """The resource lease a stream holds: its local engine, or room made for an external model."""
+        if self.resources is None:
+            return nullcontext()
+        reason = f"chat:{job.chat_id[:8]}"
+        engine = run_blocking(job.provider.engine_for, job.model)
+        if engine is not None:
+            return self.resources.use_engine(engine, "chat", reason)
+        return self.resources.use_external(job.provider.kind, job.model.native_name, reason)
+
+    def _stream(self, job: ChatJob, messages: list[Message], sink: Sink,
+                parts: dict[str, list[str]]) -> tuple[StreamResult, dict]:
         result = StreamResult()
         events = os_queue()
 

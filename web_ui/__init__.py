@@ -28,13 +28,21 @@ def create_app(config: Settings | dict | None = None, *, async_mode: str | None 
     app.config["MAX_CONTENT_LENGTH"] = 25 * 1024 * 1024
     app.extensions["switchboard"] = build_services(settings, start_background=start_background)
 
-    from web_ui import api, pages, sockets  # noqa: F401  (sockets registers its handlers on import)
+    from web_ui import api, pages, resources_api, sockets  # noqa: F401  (sockets registers its handlers on import)
     from web_ui.errors import register_error_handlers
     from web_ui.extensions import socketio
 
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(resources_api.bp)
+    from web_ui import chat_api, openai_api
+    from web_ui.auth import register_auth
+
+    app.register_blueprint(chat_api.bp)
+    app.register_blueprint(openai_api.bp)
+    register_auth(app, socketio)
     register_error_handlers(app)
     socketio.init_app(app, async_mode=async_mode or _default_async_mode(),
                       max_http_buffer_size=app.config["MAX_CONTENT_LENGTH"])
+    resources_api.enable_status_broadcast(app)
     return app

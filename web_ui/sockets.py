@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from flask import current_app, request
 
+from core.concurrency import run_blocking
 from core.errors import BadRequest, SwitchboardError
 from web_ui.extensions import services, socketio
 
@@ -81,5 +82,19 @@ def on_list_models(data: Any) -> None:
 def on_select_model(data: Any) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("model"), str):
         raise BadRequest("select_model needs {model: string}")
-    _, model = services().router.route(data["model"])
+    svc = services()
+    provider, model = svc.router.route(data["model"])
     socketio.emit("model_selected", {"model": model.id}, to=request.sid)
+    sid = request.sid
+
+    def prepare() -> None:
+        # Free and load now, so the first message to this model does not wait for the switch.
+        try:
+            engine = run_blocking(provider.engine_for, model)
+            svc.resources.prepare(engine, provider.kind, model.native_name, reason="select_model")
+        except SwitchboardError as exc:
+            socketio.emit("error", exc.to_dict(), to=sid)
+        except Exception:
+            log.exception("event=select_model_failed model=%s", model.id)
+
+    socketio.start_background_task(prepare)

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-UNLOADED, LOADING, LOADED, UNLOADING = "unloaded", "loading", "loaded", "unloading"
+UNLOADED, LOADING, LOADED, UNLOADING, PARKED = "unloaded", "loading", "loaded", "unloading", "parked"
 
 
 class Engine(ABC):
     """Something that loads weights into memory and can give them back."""
 
     role: str = ""
+    #: unloaded / loading / loaded / unloading / parked — set by the engine itself as it changes.
+    state: str = UNLOADED
+    device: str = "cpu"
 
     @abstractmethod
     def load(self) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from core.concurrency import os_lock, os_queue, start_os_thread
-from core.engines.base import LOADED, LOADING, UNLOADED, UNLOADING, Engine
+from core.engines.base import LOADED, LOADING, PARKED, UNLOADED, UNLOADING, Engine
 from core.engines.device import pick_device, release_memory
 from core.errors import GenerationFailed
 from core.providers.base import CancelToken
@@ -33,10 +33,13 @@ class TransformersChatEngine(Engine):
 
     role = "chat"
 
-    def __init__(self, model_id: str, path: Path, device_preference: str = "auto") -> None:
+    def __init__(self, model_id: str, path: Path, device_preference: str = "auto", park_in_ram: bool = False) -> None:
         self.model_id = model_id
         self.path = Path(path)
         self.device_preference = device_preference
+        # On CUDA, unloading can "park" the weights in CPU RAM so switching back is a copy, not a disk load.
+        self.park_in_ram = park_in_ram
+        self.parked = False
         self.device = "cpu"
         self.dtype = "bfloat16"
         self.model: Any = None
@@ -47,7 +50,10 @@ class TransformersChatEngine(Engine):
 
     def load(self) -> None:
         with self._lock:
-            if self.model is not None:
+            if self.model is not None and not self.parked:
+                return
+            if self.parked:
+                self._unpark()
                 return
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,16 +76,46 @@ class TransformersChatEngine(Engine):
 
     def unload(self) -> None:
         with self._lock:
-            if self.model is None:
+            if self.model is None or self.parked:
                 return
             self.state = UNLOADING
+            if self.park_in_ram and self.device.startswith("cuda"):
+                self.model = self.model.to("cpu")
+                self.parked = True
+                release_memory(self.device)
+                self.state = PARKED
+                return
             self.model = None
             self.tokenizer = None
             release_memory(self.device)
             self.state = UNLOADED
 
+    def _unpark(self) -> None:
+        started = time.monotonic()
+        self.state = LOADING
+        self.model = self.model.to(self.device)
+        self.parked = False
+        self.state = LOADED
+        log.info("event=engine_unpark role=chat model=%s device=%s took_ms=%d", self.model_id, self.device,
+                 (time.monotonic() - started) * 1000)
+
+    def drop_parked(self) -> None:
+        """Forget weights parked in RAM (the next load reads the disk again)."""
+        with self._lock:
+            if self.parked:
+                self.model = self.tokenizer = None
+                self.parked = False
+                release_memory("cpu")
+                self.state = UNLOADED
+
     def is_loaded(self) -> bool:
-        return self.model is not None
+        return self.model is not None and not self.parked
+
+    def expected_bytes(self) -> int:
+        """Bytes the weights will take once loaded, from the files on disk (for budget decisions)."""
+        if self.model is not None:
+            return self.memory_bytes()
+        return sum(p.stat().st_size for p in self.path.glob("*.safetensors"))
 
     def memory_bytes(self) -> int:
         model = self.model
@@ -102,6 +138,8 @@ class TransformersChatEngine(Engine):
 
         self.load()
         model, tokenizer = self.model, self.tokenizer
+        if model is None:
+            raise GenerationFailed(f"{self.model_id} was unloaded before it could answer")
         inputs = tokenizer.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt=True,
                                                return_tensors="pt", return_dict=True).to(self.device)
         prompt_tokens = int(inputs["input_ids"].shape[1])

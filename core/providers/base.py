@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 from core.types import ChatOptions, Message, ModelInfo, StreamResult
 
@@ -68,6 +68,10 @@ class Provider(ABC):
         result: StreamResult,
     ) -> Iterator[str]:
         """Yield the answer's text deltas; raise a core.errors.SwitchboardError on failure."""
+
+    def engine_for(self, model: ModelInfo) -> Any | None:
+        """The in-process engine that serves `model` (blocking: may prepare files), or None if external."""
+        return None
 
     def loaded_models(self) -> list[dict]:
         """Models this backend holds in memory now (name, size, device…)."""

@@ -29,9 +29,10 @@ class LocalProvider(Provider):
     display_name = "Local"
     max_concurrency = 1
 
-    def __init__(self, cache: ModelCache, device: str = "auto") -> None:
+    def __init__(self, cache: ModelCache, device: str = "auto", park_in_ram: bool = False) -> None:
         self.cache = cache
         self.device = device
+        self.park_in_ram = park_in_ram
         self.engines: dict[str, TransformersChatEngine] = {}
         self._engines_lock = os_lock()
         self._prepare_lock = os_lock()
@@ -108,19 +109,16 @@ class LocalProvider(Provider):
         with self._engines_lock:
             engine = self.engines.get(repo)
             if engine is None:
-                engine = self.engines[repo] = TransformersChatEngine(repo, self.cache.path_for(repo), self.device)
+                engine = self.engines[repo] = TransformersChatEngine(repo, self.cache.path_for(repo), self.device,
+                                                                     park_in_ram=self.park_in_ram)
         return engine
 
     def stream_chat(self, model: ModelInfo, messages: list[Message], options: ChatOptions,
                     cancel: CancelToken, result: StreamResult) -> Iterator[str]:
         engine = self.engine_for(model)
-        if not engine.is_loaded():
-            # Until the resource manager owns placement, one local chat model is resident at a time.
-            for other in list(self.engines.values()):
-                if other is not engine and other.is_loaded():
-                    other.unload()
-            engine.load()
-            self.cache.touch_last_used(model.native_name)
+        self.cache.touch_last_used(model.native_name)
+        # Placement (what else to unload first) is the resource manager's job; generate() loads
+        # lazily only when a provider is used without one (tools, unit tests).
         yield from engine.generate(messages, options, cancel, result)
 
     def count_tokens(self, model: ModelInfo, messages: list[Message]) -> int:

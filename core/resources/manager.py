@@ -1,0 +1,289 @@
+"""The resource manager: the one owner of what is loaded, who is using it, and what gets unloaded.
+
+Like Ollama's scheduler, routes never touch engines: they ask the manager. Invariants:
+- `_cond` protects every Slot's `leases` and `unload_pending`.
+- `_switch` serializes loads, unloads and switches, so two users switching at once cannot interleave.
+- An engine with leases is never unloaded: the unload waits (and says so in the status) until the
+  leases end; a request for an engine that is being unloaded waits, then loads it again.
+- States come from the engines themselves (`engine.state`, `is_loaded()`), never from flags here.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from core.concurrency import run_blocking
+from core.engines.base import Engine
+from core.resources import memory
+from core.resources.policy import POLICIES, plan_evictions
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_KINDS = ("ollama", "openai")
+
+
+@dataclass
+class Slot:
+    """One engine object under management (roles sharing the same weights share one slot)."""
+
+    engine: Engine
+    roles: set[str]
+    leases: int = 0
+    unload_pending: bool = False
+    last_used: float = field(default_factory=time.time)
+
+    @property
+    def key(self) -> str:
+        return f"{'+'.join(sorted(self.roles))}:{getattr(self.engine, 'model_id', '?')}"
+
+    def size_hint(self) -> int:
+        held = self.engine.memory_bytes()
+        return held or int(getattr(self.engine, "expected_bytes", lambda: 0)())
+
+
+class ResourceManager:
+    """Loads engines on demand, frees memory by policy, and measures every load, unload and switch."""
+
+    def __init__(self, policy: str = "exclusive", budget_bytes: int = 0, ttl_s: dict[str, float] | None = None,
+                 ollama: Any | None = None, ollama_wait_s: float = 10.0) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown resource policy {policy!r}; use one of {', '.join(POLICIES)}")
+        self.policy = policy
+        self.budget_bytes = budget_bytes
+        self.ttl_s = ttl_s or {}
+        self.ollama = ollama
+        self.ollama_wait_s = ollama_wait_s
+        self.slots: dict[int, Slot] = {}
+        self.ollama_leases: dict[str, int] = {}
+        self.last_switch: dict[str, Any] | None = None
+        self.current_kind: str | None = None
+        self.listeners: list[Callable[[], None]] = []
+        self._cond = threading.Condition()
+        self._switch = threading.RLock()
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def track(self, engine: Engine, role: str) -> Slot:
+        """Put an engine under management (idempotent); the same object under two roles is one slot."""
+        with self._cond:
+            slot = self.slots.get(id(engine))
+            if slot is None:
+                slot = self.slots[id(engine)] = Slot(engine, {role})
+            slot.roles.add(role)
+            return slot
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("event=resource_listener_failed")
+
+    def _wait_for_leases(self, slot: Slot) -> None:
+        with self._cond:
+            slot.unload_pending = True
+        self._changed()
+        with self._cond:
+            while slot.leases > 0:
+                self._cond.wait(timeout=0.25)
+
+    # -- loading and unloading -------------------------------------------------------------------
+    def _measured(self, action: str, slot: Slot, reason: str, fn: Callable[[], None]) -> None:
+        before, started = memory.snapshot(), time.monotonic()
+        run_blocking(fn)
+        after = memory.snapshot()
+        engine = slot.engine
+        log.info("event=engine_%s engine=%s model=%s device=%s reason=%s took_ms=%d bytes=%d %s", action,
+                 "+".join(sorted(slot.roles)), getattr(engine, "model_id", "?"), getattr(engine, "device", "?"),
+                 reason, (time.monotonic() - started) * 1000, engine.memory_bytes(),
+                 memory.describe_change(before, after))
+
+    def _unload(self, slot: Slot, reason: str) -> None:
+        """Unload one engine after its leases end (caller holds `_switch`)."""
+        if not slot.engine.is_loaded():
+            return
+        self._wait_for_leases(slot)
+        try:
+            self._measured("unload", slot, reason, slot.engine.unload)
+        finally:
+            with self._cond:
+                slot.unload_pending = False
+                self._cond.notify_all()
+            self._changed()
+
+    def _load(self, slot: Slot, reason: str) -> None:
+        if slot.engine.is_loaded():
+            return
+        self._changed()
+        try:
+            self._measured("load", slot, reason, slot.engine.load)
+        finally:
+            self._changed()
+
+    def _unload_ollama(self, reason: str) -> list[str]:
+        """Unload every model Ollama holds (after its streams end) and wait until /api/ps is empty."""
+        if self.ollama is None:
+            return []
+        loaded = [m["name"] for m in run_blocking(self.ollama.loaded_models)]
+        for name in loaded:
+            with self._cond:
+                while self.ollama_leases.get(name, 0) > 0:
+                    self._cond.wait(timeout=0.25)
+            run_blocking(self.ollama.unload, name)
+        if loaded:
+            if run_blocking(self.ollama.wait_unloaded, loaded, self.ollama_wait_s):
+                log.info("event=ollama_unload models=%s reason=%s result=unloaded", ",".join(loaded), reason)
+            else:
+                log.warning("event=ollama_unload models=%s reason=%s result=still_loaded_after_%.0fs",
+                            ",".join(loaded), reason, self.ollama_wait_s)
+        return loaded
+
+    def _make_room(self, wanted: Slot | None, kind: str, reason: str) -> list[str]:
+        """Apply the policy before `wanted` (a local engine) or an external model of `kind` runs."""
+        freed: list[str] = []
+        if kind == "local" and self.policy == "exclusive":
+            freed += [f"ollama:{n}" for n in self._unload_ollama(reason)]
+        with self._cond:
+            candidates = [s for s in self.slots.values() if s is not wanted and s.engine.is_loaded()]
+        for slot in plan_evictions(self.policy, wanted, kind, candidates, self.budget_bytes):
+            self._unload(slot, reason)
+            freed.append(slot.key)
+        return freed
+
+    # -- what requests call ----------------------------------------------------------------------
+    @contextmanager
+    def use_engine(self, engine: Engine, role: str, reason: str) -> Iterator[Engine]:
+        """Hold a lease on a local engine for one request, loading it first if needed.
+
+        A chat engine is a switch target (the policy makes room for it: other chat models, and
+        Ollama's models under `exclusive`); knowledge and translation engines are loaded on demand
+        beside whatever runs, whatever the policy.
+        """
+        slot = self.track(engine, role)
+        with self._switch:
+            if role == "chat":
+                self._switch_to("local", getattr(engine, "model_id", "?"), slot, reason)
+            self._load(slot, reason)
+            with self._cond:
+                slot.leases += 1
+                slot.last_used = time.time()
+        self._changed()
+        try:
+            yield engine
+        finally:
+            with self._cond:
+                slot.leases -= 1
+                slot.last_used = time.time()
+                self._cond.notify_all()
+            self._changed()
+
+    @contextmanager
+    def use_external(self, kind: str, model_name: str, reason: str) -> Iterator[None]:
+        """Free local engines per policy before an external model streams; Ollama models get a lease."""
+        with self._switch:
+            self._switch_to(kind, model_name, None, reason)
+            with self._cond:
+                if kind == "ollama":
+                    self.ollama_leases[model_name] = self.ollama_leases.get(model_name, 0) + 1
+        self._changed()
+        try:
+            yield
+        finally:
+            if kind == "ollama":
+                with self._cond:
+                    self.ollama_leases[model_name] -= 1
+                    self._cond.notify_all()
+            self._changed()
+
+    def prepare(self, engine: Engine | None, kind: str, model_name: str, reason: str) -> None:
+        """What `select_model` does: switch now (free and load) without holding a lease."""
+        if engine is not None:
+            with self.use_engine(engine, "chat", reason):
+                return
+        with self.use_external(kind, model_name, reason):
+            return
+
+    def _switch_to(self, kind: str, model: str, slot: Slot | None, reason: str) -> None:
+        """Make room for the target and log one measured `model_switch` line when the target changes."""
+        target = f"{kind}:{model}"
+        previous = self.last_switch["to"] if self.last_switch else None
+        if previous == target and (slot is None or slot.engine.is_loaded()):
+            return
+        before, started = memory.snapshot(), time.monotonic()
+        freed = self._make_room(slot, kind, reason)
+        if slot is not None:
+            self._load(slot, reason)
+        after = memory.snapshot()
+        self.current_kind = kind
+        self.last_switch = {"from": previous, "to": target, "at": time.time(), "unloaded": freed,
+                            "took_ms": round((time.monotonic() - started) * 1000),
+                            "rss_freed": before["rss"] - after["rss"],
+                            "gpu_freed": sum(b["used"] - a["used"] for b, a in zip(before["nvml"], after["nvml"])),
+                            "cuda_freed": sum(b["allocated"] - a["allocated"]
+                                              for b, a in zip(before["cuda"], after["cuda"]))}
+        log.info("event=model_switch from=%s to=%s reason=%s unloaded=%s took_ms=%d %s", previous, target, reason,
+                 ",".join(freed) or "-", self.last_switch["took_ms"], memory.describe_change(before, after))
+
+    # -- operators and timers ----------------------------------------------------------------------
+    def unload(self, which: str = "all", reason: str = "operator") -> list[str]:
+        """Unload engines by role name, slot key or 'all' (Ollama's models too for 'all')."""
+        with self._switch:
+            with self._cond:
+                chosen = [s for s in self.slots.values() if s.engine.is_loaded()
+                          and (which == "all" or which in s.roles or which == s.key)]
+            for slot in chosen:
+                self._unload(slot, reason)
+            done = [s.key for s in chosen]
+            if which in ("all", "ollama"):
+                done += [f"ollama:{n}" for n in self._unload_ollama(reason)]
+            self.last_switch = None if which == "all" else self.last_switch
+        self._changed()
+        return done
+
+    def load(self, which: str, reason: str = "operator") -> list[str]:
+        """Load engines by role name or slot key (making room by policy)."""
+        with self._cond:
+            chosen = [s for s in self.slots.values() if which in s.roles or which == s.key]
+        for slot in chosen:
+            with self.use_engine(slot.engine, "chat" if "chat" in slot.roles else next(iter(slot.roles)), reason):
+                pass
+        return [s.key for s in chosen]
+
+    def unload_idle(self, now: float | None = None) -> list[str]:
+        """Unload engines unused for longer than their role's TTL (0 or missing: never)."""
+        now = time.time() if now is None else now
+        with self._cond:
+            expired = [s for s in self.slots.values() if s.engine.is_loaded() and s.leases == 0 and any(
+                self.ttl_s.get(r, 0) > 0 and now - s.last_used > self.ttl_s[r] for r in s.roles)]
+        if not expired:
+            return []
+        with self._switch:
+            for slot in expired:
+                self._unload(slot, "idle_ttl")
+        self._changed()
+        return [s.key for s in expired]
+
+    # -- visibility ------------------------------------------------------------------------------
+    def status(self, include_ollama: bool = True) -> dict[str, Any]:
+        """Everything /api/resources and the `resource_status` event report."""
+        with self._cond:
+            slots = list(self.slots.values())
+            engines = [{
+                "key": s.key, "roles": sorted(s.roles), "model": getattr(s.engine, "model_id", None),
+                "state": "unloading" if s.unload_pending and s.engine.is_loaded() else s.engine.state,
+                "device": getattr(s.engine, "device", None), "bytes": s.engine.memory_bytes(),
+                "last_used": s.last_used, "leases": s.leases,
+                "waiting_for_leases": s.unload_pending and s.leases > 0,
+            } for s in slots]
+            ollama_leases = {k: v for k, v in self.ollama_leases.items() if v}
+        return {
+            "policy": self.policy, "budget_bytes": self.budget_bytes, "ttl_s": self.ttl_s,
+            "engines": engines, "current": self.last_switch["to"] if self.last_switch else None,
+            "last_switch": self.last_switch,
+            "ollama": {"loaded": self.ollama.loaded_models() if (self.ollama and include_ollama) else [],
+                       "leases": ollama_leases},
+            "devices": memory.device_totals(),
+        }

@@ -1,0 +1,77 @@
+"""Resource status and operator controls: GET /api/resources, POST /api/resources/unload|load.
+
+Also pushes a `resource_status` Socket.IO event to every client on each change (coalesced, sent
+from a background task so a switch never waits on it).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Flask, jsonify, request
+
+from core.concurrency import run_blocking
+from core.errors import BadRequest, NotFound
+from web_ui.extensions import services, socketio
+
+bp = Blueprint("resources", __name__)
+log = logging.getLogger(__name__)
+ROLES = ("chat", "knowledge", "translation", "ollama", "all")
+
+
+def _engine_arg() -> str:
+    body: Any = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("engine"), str) or not body["engine"]:
+        raise BadRequest('send {"engine": "chat" | "knowledge" | "translation" | "ollama" | "all" | <engine key>}')
+    return body["engine"]
+
+
+@bp.get("/api/resources")
+def status():
+    return jsonify(run_blocking(services().resources.status))
+
+
+@bp.post("/api/resources/unload")
+def unload():
+    which = _engine_arg()
+    manager = services().resources
+    if which not in ROLES and which not in {e["key"] for e in manager.status(include_ollama=False)["engines"]}:
+        raise NotFound(f"no engine {which!r}; use one of {', '.join(ROLES)} or a key from /api/resources")
+    return jsonify({"unloaded": manager.unload(which, reason="operator")})
+
+
+@bp.post("/api/resources/load")
+def load():
+    which = _engine_arg()
+    manager = services().resources
+    if which == "chat" and not any("chat" in e["roles"] for e in manager.status(include_ollama=False)["engines"]):
+        svc = services()
+        _, model = svc.router.route(svc.settings.default_model)
+        manager.track(run_blocking(svc.local.engine_for, model), "chat")
+    loaded = manager.load(which, reason="operator")
+    if not loaded:
+        raise NotFound(f"no engine {which!r} to load; see /api/resources")
+    return jsonify({"loaded": loaded})
+
+
+def enable_status_broadcast(app: Flask) -> None:
+    """Send `resource_status` to every client after changes, at most every 100 ms."""
+    manager = app.extensions["switchboard"].resources
+    state = {"pending": False}
+
+    def send() -> None:
+        socketio.sleep(0.1)
+        state["pending"] = False
+        try:
+            payload = run_blocking(manager.status)
+        except Exception:
+            log.exception("event=resource_status_failed")
+            return
+        socketio.emit("resource_status", payload)
+
+    def on_change() -> None:
+        if not state["pending"]:
+            state["pending"] = True
+            socketio.start_background_task(send)
+
+    manager.listeners.append(on_change)
