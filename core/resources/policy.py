@@ -1,7 +1,8 @@
 """Which loaded engines to unload before something else runs, per policy (pure logic, easy to test).
 
-- exclusive (default): a local chat engine runs alone among chat engines and pushes Ollama's models
-  out; an external model pushes every local engine out (the seed's rule, made safe by leases).
+- exclusive (default): a local engine pushes out loaded engines of the same role (another chat
+  model) and, for a chat engine, Ollama's models; an external model pushes every local engine out
+  (the seed's rule, made safe by leases: an unload waits for running streams).
 - budget: keep engines while their total fits `budget_bytes`; evict the least recently used idle
   ones first. External models evict nothing.
 - keep: never unload (operators and idle TTLs still can).
@@ -27,7 +28,9 @@ def plan_evictions(policy: str, wanted: Any | None, kind: str, loaded: Sequence[
     need = wanted.size_hint()
     held = sum(s.size_hint() for s in loaded)
     out = []
-    for slot in sorted(loaded, key=lambda s: (s.leases > 0, s.last_used)):
+    # Least recently used first; engines serving a stream are never evicted for the budget (the
+    # load goes over budget for a while instead of waiting on someone else's answer).
+    for slot in sorted((s for s in loaded if s.leases == 0), key=lambda s: s.last_used):
         if held + need <= budget_bytes:
             break
         out.append(slot)
