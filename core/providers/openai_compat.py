@@ -1,0 +1,397 @@
+"""OpenAI-compatible connections ([model_names.<key>] tables) through the official `openai` SDK.
+
+Each connection is one Provider: its models come from the configured `models` list or, when that is
+empty, from GET {base_url}/models (cached `discovery_ttl` seconds). The API key is read from the
+connection's env var at call time and never leaves this module: not in ModelInfo, groups, errors or logs.
+"""
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import logging
+import os
+import socket
+import time
+from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import openai
+
+from core.concurrency import os_event, start_os_thread
+from core.config import ConnectionConfig, Settings
+from core.errors import (AuthFailed, ModelNotFound, ModelUnavailable, ProviderError, ProviderTimeout,
+                         ProviderUnreachable, RateLimited, StreamInterrupted, SwitchboardError)
+from core.providers.base import CancelToken, Provider, ProviderGroup
+from core.reasoning import Reasoning
+from core.types import ChatOptions, Message, ModelInfo, StreamResult, Usage
+
+log = logging.getLogger(__name__)
+
+NO_API_KEY = "NO_API_KEY"
+PLACEHOLDER_KEY = "no-key"       # sent when a server needs no key (the SDK insists on one)
+DISCOVERY_READ_TIMEOUT = 15.0    # seconds for GET /models once connected
+WATCH_INTERVAL = 0.1             # how often the stream watchdog looks at the clock and the stop flag
+
+
+def display_url(url: str) -> str:
+    """The URL without user:password or query, fit to show to a person."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """Seconds to wait from retry-after-ms or Retry-After (seconds or an HTTP date); None if absent."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = (headers or {}).get(name)
+        if not value:
+            continue
+        try:
+            return max(float(value) * scale, 0.0)
+        except ValueError:
+            pass
+        try:
+            return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def _cause_names(exc: BaseException) -> set[str]:
+    """Class names along the exception's cause chain (the SDK wraps httpx's errors)."""
+    names, seen = set(), 0
+    current: BaseException | None = exc
+    while current is not None and seen < 10:
+        names.add(type(current).__name__)
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return names
+
+
+def _status_detail(exc: openai.APIStatusError) -> str:
+    """The server's own error text from an HTTP error body, shortened."""
+    body, text = exc.body, None
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        text = (error.get("message") or error.get("detail")) if isinstance(error, dict) else error
+        text = text or body.get("detail") or body.get("message")
+    elif isinstance(body, str):
+        text = body
+    return str(text or "").strip().replace("\n", " ")[:300]
+
+
+class _Watchdog:
+    """Cuts a stream's socket when stop is pressed or a token is overdue.
+
+    A read blocked in the socket sees neither the stop flag nor our two limits, so a real OS thread
+    watches them and shuts the socket down; the blocked read then fails and `tripped` says why.
+    """
+
+    def __init__(self, cancel: CancelToken, response: Any, started: float, first_token_s: float,
+                 idle_s: float) -> None:
+        self.cancel = cancel
+        self.first_token_s = first_token_s
+        self.idle_s = idle_s
+        self.started, self.last = started, time.monotonic()
+        self.got_token = False
+        self.tripped: str | None = None       # "cancelled" | "first_token" | "idle"
+        self._done = os_event()
+        stream = getattr(response, "extensions", {}).get("network_stream")
+        self._sock = stream.get_extra_info("socket") if stream is not None else None
+        start_os_thread(self._run, name="openai-watchdog")
+
+    def progress(self, token: bool) -> None:
+        self.last = time.monotonic()
+        self.got_token = self.got_token or token
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        while not self._done.wait(WATCH_INTERVAL):
+            now = time.monotonic()
+            if self.cancel.is_set():
+                self._trip("cancelled")
+            elif not self.got_token and now - self.started > self.first_token_s:
+                self._trip("first_token")
+            elif self.got_token and now - self.last > self.idle_s:
+                self._trip("idle")
+            if self.tripped:
+                return
+
+    def _trip(self, why: str) -> None:
+        self.tripped = why
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class OpenAICompatProvider(Provider):
+    """One OpenAI-compatible server (vLLM, llama.cpp, DeepSeek, OpenAI…); model ids are "<key>:<model>".
+
+    Timeouts: connecting is limited by `connect_timeout`. The SDK fixes one HTTP read timeout for a
+    whole response, so it is set to max(first_token_timeout, idle_timeout): that bounds the wait for
+    the response headers (llama.cpp sends them only with the first token). Once the body flows, a
+    watchdog thread enforces `first_token_timeout` (from the request's start) until a token arrives,
+    then `idle_timeout` between chunks, by shutting the socket down; it does the same on stop, so a
+    stalled server cannot hold a cancelled stream open.
+    """
+
+    kind = "openai"
+
+    def __init__(self, conn: ConnectionConfig, settings: Settings) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.key = conn.key
+        self.display_name = conn.name
+        self._cache: tuple[float, str, ProviderGroup] | None = None   # (time, key digest, group)
+
+    # -- credentials -----------------------------------------------------------------------------
+    def _api_key(self) -> str | None:
+        """The key from the connection's env var now; a placeholder when none is needed; None if unset."""
+        if self.conn.env == NO_API_KEY:
+            return PLACEHOLDER_KEY
+        value = os.environ.get(self.conn.env, "").strip()
+        return value or None
+
+    def _scrub(self, text: str, key: str | None) -> str:
+        """`text` with the API key (should a server or library ever echo it) masked."""
+        if key and key != PLACEHOLDER_KEY and len(key) >= 4:
+            text = text.replace(key, "***")
+        return text
+
+    def _client(self, key: str, timeout: openai.Timeout) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.conn.base_url, api_key=key, timeout=timeout, max_retries=0)
+
+    @property
+    def url(self) -> str:
+        return display_url(self.conn.base_url)
+
+    # -- discovery -------------------------------------------------------------------------------
+    def model_info(self, name: str, available: bool = True, reason: str | None = None,
+               context_length: int | None = None, owned_by: str | None = None) -> ModelInfo:
+        details: dict[str, Any] = {"url": self.conn.url, "base_url": self.url,
+                                   "default": name == self.conn.default}
+        if owned_by:
+            details["owned_by"] = owned_by
+        return ModelInfo(id=f"{self.conn.key}:{name}", name=name, provider=self.kind, connection=self.conn.key,
+                         native_name=name, available=available, reason=reason,
+                         context_length=context_length or 4096, details=details)
+
+    def _group(self, available: bool, reason: str | None, models: list[ModelInfo]) -> ProviderGroup:
+        return ProviderGroup(self.key, self.display_name, self.kind, available, reason, models)
+
+    def list_models(self, refresh: bool = False) -> ProviderGroup:
+        """Configured models (no network) or GET /models, cached; never raises."""
+        key = self._api_key()
+        if key is None:
+            reason = f"set {self.conn.env}"
+            return self._group(False, reason, [self.model_info(m, False, reason) for m in self.conn.models])
+        if self.conn.models:
+            return self._group(True, None, [self.model_info(m) for m in self.conn.models])
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        cached = self._cache
+        fresh = cached and time.monotonic() - cached[0] < self.settings.discovery_ttl
+        if not refresh and fresh and cached[1] == digest:
+            return cached[2]
+        group = self._discover(key)
+        self._cache = (time.monotonic(), digest, group)
+        return group
+
+    def _discover(self, key: str) -> ProviderGroup:
+        timeout = openai.Timeout(DISCOVERY_READ_TIMEOUT, connect=self.settings.connect_timeout)
+        try:
+            with self._client(key, timeout) as client:
+                page = client.models.list()
+                models = []
+                for item in page.data:
+                    extra = item.model_extra or {}
+                    ctx = extra.get("max_model_len") or extra.get("context_length") or extra.get("context_window")
+                    models.append(self.model_info(item.id, context_length=ctx if isinstance(ctx, int) else None,
+                                                  owned_by=getattr(item, "owned_by", None)))
+        except Exception as exc:  # one bad backend must never break the listing
+            reason = self._discovery_reason(exc, key)
+            log.warning("event=openai_discovery_failed connection=%s reason=%s", self.key, reason)
+            return self._group(False, reason, [])
+        if self.conn.default:
+            models.sort(key=lambda m: m.native_name != self.conn.default)
+        log.info("event=openai_discovered connection=%s models=%d", self.key, len(models))
+        return self._group(True, None, models)
+
+    def _discovery_reason(self, exc: Exception, key: str) -> str:
+        if isinstance(exc, openai.APITimeoutError):
+            if "ConnectTimeout" in _cause_names(exc):
+                return f"not reachable at {self.url} (no connection within {self.settings.connect_timeout:g} s)"
+            return f"no answer from {self.url}/models within {DISCOVERY_READ_TIMEOUT:g} s"
+        if isinstance(exc, openai.APIConnectionError):
+            return f"not reachable at {self.url}"
+        if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            return f"API key rejected (HTTP {exc.status_code}): check {self.conn.env}"
+        if isinstance(exc, openai.NotFoundError):
+            return f"{self.url}/models answered 404: list the models with models = [...] in the config"
+        if isinstance(exc, openai.APIStatusError):
+            detail = _status_detail(exc)
+            return self._scrub(f"GET {self.url}/models failed (HTTP {exc.status_code})"
+                               f"{': ' + detail if detail else ''}", key)
+        return self._scrub(f"model discovery failed: {type(exc).__name__}: {exc}", key)[:300]
+
+    # -- chat ------------------------------------------------------------------------------------
+    def stream_chat(self, model: ModelInfo, messages: list[Message], options: ChatOptions,
+                    cancel: CancelToken, result: StreamResult) -> Iterator[str]:
+        """Stream the answer; any failure becomes a core.errors type, stop closes the HTTP response."""
+        try:
+            yield from self._stream(model, messages, options, cancel, result)
+        except SwitchboardError as exc:
+            log.warning("event=openai_error connection=%s model=%s code=%s message=%s", self.key,
+                        model.native_name, exc.code, exc.message)
+            raise
+
+    def _stream(self, model: ModelInfo, messages: list[Message], options: ChatOptions,
+                cancel: CancelToken, result: StreamResult) -> Iterator[str]:
+        key = self._api_key()
+        if key is None:
+            raise ModelUnavailable(f"{self.display_name} is unavailable: set {self.conn.env}")
+        params: dict[str, Any] = {
+            "model": model.native_name, "messages": [m.to_dict() for m in messages], "stream": True,
+            "temperature": options.temperature, "top_p": options.top_p, "max_tokens": options.max_new_tokens,
+        }
+        if options.stop:
+            params["stop"] = list(options.stop)
+        # Once the body flows the read timeout is only a backstop: the watchdog enforces the limits.
+        read = max(self.settings.first_token_timeout, self.settings.idle_timeout)
+        client = self._client(key, openai.Timeout(read, connect=self.settings.connect_timeout))
+        started, chunks, finish, usage = time.monotonic(), 0, None, None
+        watch: _Watchdog | None = None
+        stream: Any = None
+        try:
+            if cancel.is_set():
+                result.finish_reason = "cancelled"
+                return
+            try:
+                stream = self._open(client, params)
+            except openai.OpenAIError as exc:
+                raise self._error(exc, model, key, streaming=False) from None
+            watch = _Watchdog(cancel, stream.response, started, self.settings.first_token_timeout,
+                              self.settings.idle_timeout)
+            try:
+                for chunk in stream:
+                    if cancel.is_set():
+                        break
+                    usage = chunk.usage or usage
+                    choice = chunk.choices[0] if chunk.choices else None
+                    delta = getattr(choice, "delta", None)
+                    reasoning = (getattr(delta, "model_extra", None) or {}).get("reasoning_content")
+                    if reasoning:   # DeepSeek-R1, vLLM reasoning parsers: kept off the answer text
+                        yield Reasoning(reasoning)
+                    text = getattr(delta, "content", None)
+                    finish = getattr(choice, "finish_reason", None) or finish
+                    watch.progress(bool(text or reasoning))
+                    if text:
+                        chunks += 1
+                        yield text
+            except openai.OpenAIError as exc:
+                if watch.tripped == "cancelled" or cancel.is_set():
+                    pass   # our own shutdown of the socket ended the read
+                elif watch.tripped:
+                    raise self._timeout(watch.tripped) from None
+                elif isinstance(exc, openai.APITimeoutError):   # the read-timeout backstop
+                    raise self._timeout("idle" if watch.got_token else "first_token") from None
+                else:
+                    raise self._error(exc, model, key, streaming=True, chunks=chunks) from None
+        finally:
+            if watch is not None:
+                watch.stop()
+            if stream is not None:
+                stream.close()   # closes the HTTP response, so the server sees the disconnect
+            client.close()
+        if cancel.is_set():
+            result.finish_reason = "cancelled"
+            log.info("event=openai_stream_cancelled connection=%s model=%s chunks=%d", self.key,
+                     model.native_name, chunks)
+            return
+        if finish is None:
+            raise StreamInterrupted(f"{self.display_name} ended the stream before the answer was finished "
+                                    f"(after {chunks} chunks)")
+        result.finish_reason = "length" if finish == "length" else "stop"
+        if usage is not None:
+            result.usage = Usage(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
+        else:
+            result.usage = Usage(self.count_tokens(model, messages), chunks)
+        log.info("event=openai_stream_done connection=%s model=%s finish=%s chunks=%d ms=%d", self.key,
+                 model.native_name, finish, chunks, (time.monotonic() - started) * 1000)
+
+    def _open(self, client: openai.OpenAI, params: dict[str, Any]) -> Any:
+        """Start the stream asking for usage; servers that reject stream_options get it once without."""
+        try:
+            return client.chat.completions.create(**params, stream_options={"include_usage": True})
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+            if "stream_options" not in f"{_status_detail(exc)} {exc.message}":
+                raise
+            log.info("event=openai_stream_options_rejected connection=%s retry=without", self.key)
+            return client.chat.completions.create(**params)
+
+    # -- errors ----------------------------------------------------------------------------------
+    def _timeout(self, why: str) -> ProviderTimeout:
+        if why == "first_token":
+            return ProviderTimeout(f"{self.display_name} sent no token within "
+                                   f"{self.settings.first_token_timeout:g} s (timeouts.first_token)")
+        return ProviderTimeout(f"{self.display_name} sent nothing for {self.settings.idle_timeout:g} s "
+                               f"mid-answer (timeouts.idle)")
+
+    def _error(self, exc: openai.OpenAIError, model: ModelInfo, key: str, *, streaming: bool,
+               chunks: int = 0) -> SwitchboardError:
+        """The core.errors type for an SDK failure, with a message a person can act on (key scrubbed)."""
+        name, causes = self.display_name, _cause_names(exc)
+        error: SwitchboardError
+        if isinstance(exc, openai.APITimeoutError):
+            if "ConnectTimeout" in causes:
+                error = ProviderTimeout(f"{name} did not accept a connection at {self.url} within "
+                                        f"{self.settings.connect_timeout:g} s")
+            else:
+                error = self._timeout("first_token")
+        elif isinstance(exc, openai.APIConnectionError):
+            if streaming:
+                error = StreamInterrupted(f"the connection to {name} was cut mid-answer (after {chunks} chunks)")
+            elif causes & {"RemoteProtocolError", "ReadError"}:
+                error = StreamInterrupted(f"the connection to {name} was cut before it answered")
+            elif "UnsupportedProtocol" in causes:
+                error = ProviderUnreachable(f"{name}: base_url {self.url!r} is not an http(s) URL")
+            else:
+                error = ProviderUnreachable(f"{name} is not reachable at {self.url}: is the server running?")
+        elif isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            if self.conn.env == NO_API_KEY:
+                hint = f"this server needs a key: set env = \"VAR\" in [model_names.{self.key}] and export VAR"
+            else:
+                hint = f"check {self.conn.env}"
+            error = AuthFailed(f"{name} rejected the API key (HTTP {exc.status_code}): {hint}")
+        elif isinstance(exc, openai.NotFoundError):
+            detail = _status_detail(exc)
+            error = ModelNotFound(f"{name} has no model {model.native_name!r} (HTTP 404"
+                                  f"{': ' + detail if detail else ''})")
+        elif isinstance(exc, openai.RateLimitError):
+            wait = retry_after_seconds(exc.response.headers)
+            when = f"; retry after {wait:g} s" if wait is not None else "; try again later"
+            error = RateLimited(f"{name} is rate-limiting requests (HTTP 429){when}", retry_after=wait)
+        elif isinstance(exc, openai.APIStatusError):
+            detail = _status_detail(exc)
+            what = "failed" if exc.status_code >= 500 else "rejected the request"
+            error = ProviderError(f"{name} {what} (HTTP {exc.status_code}){': ' + detail if detail else ''}")
+        elif isinstance(exc, openai.APIError):
+            error = ProviderError(f"{name} reported an error mid-answer: {exc.message}"[:400])
+        else:
+            error = ProviderError(f"{name} failed: {type(exc).__name__}: {exc}"[:400])
+        error.message = self._scrub(error.message, key)
+        error.args = (error.message,)
+        return error
+
+    # -- memory ----------------------------------------------------------------------------------
+    def loaded_models(self) -> list[dict]:
+        """Unknown for a generic server."""
+        return []
+
+    def unload(self, model: ModelInfo | None = None) -> None:
+        """Nothing to free here: the remote server owns its memory."""
