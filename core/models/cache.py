@@ -15,7 +15,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
+            time.sleep(0)  # yields to other green threads when the server is monkey-patched
     return digest.hexdigest()
 
 
@@ -117,7 +118,8 @@ class ModelCache:
                 return CacheStatus(repo_id, path, INCOMPLETE, "download not finished (partial files kept for resume)")
             return CacheStatus(repo_id, path, INCOMPLETE, "no manifest: download or conversion did not finish")
         if manifest.get("damaged"):
-            return CacheStatus(repo_id, path, INCOMPLETE, "verify found damaged files: " + ", ".join(manifest["damaged"]))
+            damaged = ", ".join(manifest["damaged"])
+            return CacheStatus(repo_id, path, INCOMPLETE, f"verify found damaged files: {damaged}")
         names = {f["path"] for f in manifest.get("files", [])}
         if "config.json" not in names:
             return CacheStatus(repo_id, path, INCOMPLETE, "config.json missing")
@@ -141,3 +143,310 @@ class ModelCache:
             marker.write_text(str(time.time()), encoding="utf-8")
         except OSError:
             pass
+
+    # --- listing, usage, removal -------------------------------------------------------------
+
+    def list_cached(self) -> list[str]:
+        """Repo ids of every model directory under MODEL_DIR (hidden and invalid names skipped)."""
+        found = []
+        for org in _subdirs(self.root):
+            for model in _subdirs(org):
+                with contextlib.suppress(BadRequest):
+                    found.append("/".join(validate_repo_id(f"{org.name}/{model.name}")))
+        return found
+
+    def last_used(self, repo_id: str) -> float | None:
+        """Unix time of the last load, from the .last_used marker, or None."""
+        try:
+            return float((self.path_for(repo_id) / LAST_USED).read_text(encoding="utf-8").strip())
+        except (OSError, ValueError):
+            return None
+
+    def remove(self, repo_id: str) -> int:
+        """Delete a model's directory and lock file; Busy while a download holds it. Returns bytes freed."""
+        path = self.path_for(repo_id)
+        lock = self.lock(repo_id)
+        if not lock.try_acquire():
+            raise Busy(f"{repo_id} is being downloaded (pid {lock.holder() or '?'}); try again when it ends")
+        try:
+            freed = disk_usage(path)
+            if path.exists():
+                shutil.rmtree(path)
+        finally:
+            lock.release()
+        _remove_empty_dirs([path.parent, lock.path.parent, lock.path.parent.parent])
+        return freed
+
+    def leftovers(self, repo_id: str | None = None) -> list[Leftover]:
+        """Stale pieces no model needs: .partial dirs of ready models, unheld lock files, temp files.
+
+        Incomplete models are not leftovers (`cache clean` removes them separately); unrecognised
+        files are never listed, so a clean cannot delete something it does not understand.
+        """
+        found: list[Leftover] = []
+        repos = [repo_id] if repo_id else self.list_cached()
+        for repo in repos:
+            path = self.path_for(repo)
+            status = self.status(repo).status
+            if status == MISSING and path.is_dir():
+                found.append(Leftover(path, "empty directory", 0, repo))
+            if status == READY:
+                if (path / PARTIAL_DIR).is_dir():
+                    found.append(Leftover(path / PARTIAL_DIR, "partial download", disk_usage(path / PARTIAL_DIR), repo))
+                tmp = path / (MANIFEST_NAME + ".tmp")
+                if tmp.is_file():
+                    found.append(Leftover(tmp, "temporary file", tmp.stat().st_size, repo))
+        lock_root = self.root / LOCK_DIR
+        locks = [self.lock(repo_id).path] if repo_id else sorted(lock_root.glob("*/*.lock"))
+        for path in locks:
+            if path.is_file() and not ModelLock(path).is_held():
+                found.append(Leftover(path, "stale lock file", path.stat().st_size,
+                                      f"{path.parent.name}/{path.name[:-5]}"))
+        for org in {self.path_for(r).parent for r in repos} if repo_id else _subdirs(self.root):
+            for staging in sorted(org.glob(".*.converting-*")):  # bundled.py's staging dirs of dead processes
+                if staging.is_dir() and not _pid_alive(staging.name.rsplit("-", 1)[-1]):
+                    found.append(Leftover(staging, "unfinished conversion", disk_usage(staging)))
+        if not repo_id:
+            for parent in (self.root, lock_root):
+                with contextlib.suppress(OSError):
+                    found += [Leftover(d, "empty directory", 0) for d in sorted(parent.iterdir())
+                              if d.is_dir() and not d.name.startswith(".") and not any(d.iterdir())]
+        return found
+
+    def remove_leftover(self, item: Leftover) -> None:
+        """Delete one leftover; a lock file only while holding it, so a starting download is never hit."""
+        if item.path.suffix == ".lock":
+            lock = ModelLock(item.path)
+            if lock.try_acquire():
+                lock.release()  # releasing removes the file
+                _remove_empty_dirs([item.path.parent])
+        elif item.kind == "empty directory":
+            with contextlib.suppress(OSError):
+                item.path.rmdir()
+        elif item.path.is_dir():
+            shutil.rmtree(item.path, ignore_errors=True)
+        else:
+            item.path.unlink(missing_ok=True)
+
+    # --- integrity ---------------------------------------------------------------------------
+
+    def verify(self, repo_id: str) -> VerifyReport:
+        """Re-hash every file the manifest lists; report missing/truncated/corrupt files.
+
+        Damaged files are written into the manifest (`damaged`), which makes status() say
+        incomplete until a pull repairs them; a clean result removes that mark again.
+        """
+        path = self.path_for(repo_id)
+        report = VerifyReport(repo_id, path)
+        if not path.is_dir():
+            report.problems.append({"path": None, "problem": "missing", "detail": "not downloaded"})
+            return report
+        lock = self.lock(repo_id)
+        if not lock.try_acquire():
+            report.problems.append({"path": None, "problem": "busy",
+                                    "detail": f"being downloaded (pid {lock.holder() or '?'})"})
+            return report
+        try:
+            manifest = self.read_manifest(repo_id)
+            if manifest is None:
+                report.problems.append({"path": None, "problem": "incomplete", "detail": self.status(repo_id).reason})
+                return report
+            for entry in manifest.get("files", []):
+                report.checked += 1
+                problem = _check_file(path / entry["path"], entry)
+                if problem:
+                    report.problems.append({"path": entry["path"], **problem})
+            damaged = sorted(p["path"] for p in report.problems)
+            if damaged != sorted(manifest.get("damaged", [])):
+                if damaged:
+                    manifest["damaged"] = damaged
+                else:
+                    manifest.pop("damaged", None)
+                _write_json_atomic(self.manifest_path(repo_id), manifest)
+        finally:
+            lock.release()
+        return report
+
+    # --- cross-process locking ---------------------------------------------------------------
+
+    def lock(self, repo_id: str) -> ModelLock:
+        """The (not yet acquired) cross-process lock guarding a model's files."""
+        org, name = validate_repo_id(repo_id)
+        return ModelLock(self.root / LOCK_DIR / org / f"{name}.lock")
+
+    def is_locked(self, repo_id: str) -> bool:
+        """Whether some process (this one included) holds the model's lock right now."""
+        return self.lock(repo_id).is_held()
+
+
+@dataclass
+class Leftover:
+    """A file or directory `cache clean` may delete."""
+
+    path: Path
+    kind: str
+    size: int
+    repo_id: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of re-hashing one model: `problems` holds {path, problem, detail} dicts."""
+
+    repo_id: str
+    path: Path
+    checked: int = 0
+    problems: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class ModelLock:
+    """An exclusive flock on MODEL_DIR/.locks/<org>/<name>.lock, held while a model's files change.
+
+    flock locks are per open file, so two requests inside one process exclude each other too;
+    the kernel drops the lock when its holder dies, so a crash never leaves a model locked.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+        self._guard = threading.Lock()
+
+    def try_acquire(self) -> bool:
+        """Take the lock if free; False when another holder has it."""
+        with self._guard:
+            if self._fd is not None:
+                return True
+            while True:
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                except FileNotFoundError:  # a releasing holder removed the empty directory just now
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    return False
+                # `cache clean` may have unlinked the file between open and flock: lock the live one.
+                try:
+                    if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self._fd = fd
+            return True
+
+    def acquire(self, *, wait: bool = True, cancel: threading.Event | None = None, poll: float = 0.2) -> bool:
+        """Take the lock, waiting for another holder when `wait`; Busy if not, False if cancelled."""
+        if self.try_acquire():
+            return True
+        if not wait:
+            raise Busy(f"already downloading in another process (pid {self.holder() or '?'})")
+        log.info("waiting for pid %s, which holds %s", self.holder() or "?", self.path)
+        while not self.try_acquire():
+            if cancel is not None and cancel.wait(poll):
+                return False
+            if cancel is None:
+                time.sleep(poll)
+        return True
+
+    def release(self) -> None:
+        """Drop the lock and its file (safe: an acquirer re-checks the inode), so none go stale."""
+        with self._guard:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                    self.path.parent.rmdir()  # only when empty
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
+
+    def holder(self) -> str | None:
+        """The pid written by the current holder, if readable."""
+        try:
+            return self.path.read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
+
+    def is_held(self) -> bool:
+        """Whether anyone holds the lock, without creating the lock file."""
+        if self._fd is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock we may just have taken
+        return False
+
+    def __enter__(self) -> ModelLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes in all regular files under `path` (symlinks not followed); 0 when absent."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _check_file(path: Path, entry: dict) -> dict | None:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return {"problem": "missing", "detail": "file is missing"}
+    if size < entry["size"]:
+        return {"problem": "truncated", "detail": f"{size} of {entry['size']} bytes"}
+    if size != entry["size"]:
+        return {"problem": "corrupt", "detail": f"{size} bytes, expected {entry['size']}"}
+    if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+        return {"problem": "corrupt", "detail": "sha256 does not match"}
+    return None
+
+
+def _write_json_atomic(target: Path, data: dict) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, target)
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_empty_dirs(paths: Iterable[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.rmdir()
