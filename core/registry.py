@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from core.concurrency import os_lock
+from core.concurrency import os_lock, os_queue, poll_get, start_os_thread
 from core.errors import ModelNotFound
 from core.providers.base import Provider, ProviderGroup
 from core.types import ModelInfo
@@ -31,23 +31,36 @@ class ModelRegistry:
             raise ValueError(f"two providers share the key {provider.key!r}")
         self.providers[provider.key] = provider
 
+    def _discover(self, provider: Provider, refresh: bool) -> ProviderGroup:
+        try:
+            return provider.list_models(refresh=refresh)
+        except Exception as exc:  # one broken backend must not hide the others
+            log.error("event=discovery_failed provider=%s error=%r", provider.key, exc)
+            return ProviderGroup(provider.key, provider.display_name, provider.kind, False, f"discovery failed: {exc}")
+
     def groups(self, refresh: bool = False) -> list[ProviderGroup]:
-        """Every provider's group, in registration order; refresh re-runs discovery."""
-        groups: list[ProviderGroup] = []
+        """Every provider's group, in registration order; refresh re-runs discovery.
+
+        Providers are asked at once, each in its own OS thread, so one slow backend (a remote API
+        timing out) costs its own timeout, not the sum of everyone's.
+        """
+        providers = list(self.providers.values())
+        results = os_queue()
+        for i, provider in enumerate(providers):
+            start_os_thread(lambda i=i, p=provider: results.put((i, self._discover(p, refresh))),
+                            name=f"discover-{provider.key}")
+        found: dict[int, ProviderGroup] = {}
+        while len(found) < len(providers):
+            i, group = poll_get(results)
+            found[i] = group
+        groups = [found[i] for i in range(len(providers))]
         index: dict[str, tuple[Provider, ModelInfo]] = {}
-        for provider in self.providers.values():
-            try:
-                group = provider.list_models(refresh=refresh)
-            except Exception as exc:  # one broken backend must not hide the others
-                log.error("event=discovery_failed provider=%s error=%r", provider.key, exc)
-                group = ProviderGroup(provider.key, provider.display_name, provider.kind, False,
-                                      f"discovery failed: {exc}")
+        for provider, group in zip(providers, groups):
             for model in group.models:
                 if model.id in index:
                     log.warning("event=duplicate_model_id id=%s provider=%s", model.id, provider.key)
                     continue
                 index[model.id] = (provider, model)
-            groups.append(group)
         with self._lock:
             self._groups, self._index = groups, index
         return groups

@@ -170,9 +170,9 @@ class OllamaProvider(Provider):
         else:
             group.models = sorted((self._model_info(e) for e in entries if isinstance(e, dict) and e.get("name")),
                                   key=lambda m: m.name)
-            log.debug("ollama: %d model(s) at %s", len(group.models), self.host)
+            log.debug("event=ollama_discovered models=%d host=%s", len(group.models), self.host)
             return group
-        log.info("ollama: unavailable: %s", group.reason)
+        log.info("event=ollama_unavailable reason=%s", group.reason)
         return group
 
     def _model_info(self, entry: dict) -> ModelInfo:
@@ -225,7 +225,7 @@ class OllamaProvider(Provider):
             raise ProviderTimeout(f"Ollama sent no token from {name} within {first_s:g}s") from None
         except requests.exceptions.ConnectionError:
             raise self._unreachable() from None
-        log.info("ollama: chat %s started (%d message(s))", name, len(messages))
+        log.info("event=ollama_chat_start model=%s messages=%d", name, len(messages))
         try:
             if resp.status_code != 200:
                 self._raise_for_status(resp, model=name)
@@ -233,7 +233,7 @@ class OllamaProvider(Provider):
             for obj in self._ndjson(resp, name, first_s, idle_s, lambda: got_first):
                 if cancel.is_set():
                     result.finish_reason = "cancelled"
-                    log.info("ollama: chat %s cancelled", name)
+                    log.info("event=ollama_chat_cancelled model=%s", name)
                     return
                 if obj.get("error"):
                     raise ProviderError(f"Ollama error while generating with {name}: {obj['error']}")
@@ -245,13 +245,13 @@ class OllamaProvider(Provider):
                     yield content
                     if cancel.is_set():
                         result.finish_reason = "cancelled"
-                        log.info("ollama: chat %s cancelled", name)
+                        log.info("event=ollama_chat_cancelled model=%s", name)
                         return
                 if obj.get("done"):
                     result.finish_reason = "length" if obj.get("done_reason") == "length" else "stop"
                     result.usage.prompt_tokens = int(obj.get("prompt_eval_count") or 0)
                     result.usage.completion_tokens = int(obj.get("eval_count") or 0)
-                    log.info("ollama: chat %s done (%s, %d+%d tokens, %.2fs)", name, result.finish_reason,
+                    log.info("event=ollama_chat_done model=%s finish=%s prompt_tokens=%d completion_tokens=%d seconds=%.2f", name, result.finish_reason,
                              result.usage.prompt_tokens, result.usage.completion_tokens,
                              time.monotonic() - started)
                     return
@@ -304,7 +304,7 @@ class OllamaProvider(Provider):
             if sock is not None:
                 sock.settimeout(seconds)
         except AttributeError:
-            log.debug("ollama: cannot reach the socket to set the idle timeout")
+            log.debug("event=ollama_idle_timeout_unset reason=no_socket")
 
     # -- load state ---------------------------------------------------------------------------
     def _ps(self) -> list[dict]:
@@ -321,7 +321,7 @@ class OllamaProvider(Provider):
         try:
             models = self._ps()
         except SwitchboardError as exc:
-            log.info("ollama: cannot list loaded models: %s", exc.message)
+            log.info("event=ollama_ps_failed message=%s", exc.message)
             return []
         out = []
         for m in models:
@@ -341,12 +341,12 @@ class OllamaProvider(Provider):
             for name in names:
                 resp = self._request("POST", "/api/generate", json={"model": name, "keep_alive": 0})
                 if resp.status_code == 404:
-                    log.info("ollama: unload %s: not installed", name)
+                    log.info("event=ollama_unload model=%s result=not_installed", name)
                     continue
                 self._raise_for_status(resp)
-                log.info("ollama: unload %s requested", name)
+                log.info("event=ollama_unload model=%s result=requested", name)
         except ProviderUnreachable:
-            log.info("ollama: unload skipped, Ollama not reachable at %s", self.host)
+            log.info("event=ollama_unload result=skipped reason=unreachable host=%s", self.host)
 
     def wait_unloaded(self, names: Iterable[str], timeout: float = 10.0, poll: float = 0.25) -> bool:
         """Poll /api/ps until none of `names` is loaded; False when `timeout` passes first."""
@@ -358,12 +358,12 @@ class OllamaProvider(Provider):
             except ProviderUnreachable:
                 loaded = set()  # a stopped Ollama holds no memory
             except SwitchboardError as exc:
-                log.debug("ollama: /api/ps failed while waiting: %s", exc.message)
+                log.debug("event=ollama_ps_failed while=waiting message=%s", exc.message)
                 loaded = wanted
             if not wanted & loaded:
-                log.info("ollama: unloaded %s", ", ".join(sorted(wanted)) or "(nothing)")
+                log.info("event=ollama_unloaded models=%s", ",".join(sorted(wanted)) or "-")
                 return True
             if time.monotonic() >= deadline:
-                log.warning("ollama: still loaded after %.1fs: %s", timeout, ", ".join(sorted(wanted & loaded)))
+                log.warning("event=ollama_unload_timeout seconds=%.1f still_loaded=%s", timeout, ",".join(sorted(wanted & loaded)))
                 return False
             time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
