@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ContextManager, Protocol
 
 from core.admission import Admission
-from core.concurrency import os_event, os_queue, poll_get, run_blocking, start_os_thread
+from core.concurrency import drain, os_event, os_queue, poll_get, run_blocking, start_os_thread
 from core.config import Settings
 from core.errors import BadRequest, Busy, EmptyContent, NotFound, SwitchboardError, TooLong
 from core.providers.base import Provider
@@ -246,9 +246,10 @@ class ChatService:
         first = None
         cancelled_at = None
         start_os_thread(pump, name=f"stream-{job.chat_id[:8]}")
-        while True:
+        finished = False
+        while not finished:
             try:
-                kind, value = poll_get(events, timeout=0.25)
+                batch = [poll_get(events, timeout=0.25)]
             except TimeoutError:
                 # A backend that is silent (e.g. Ollama still loading) only sees the cancel at its next
                 # chunk; don't keep the client waiting for it. The pump closes its stream when it wakes.
@@ -258,17 +259,21 @@ class ChatService:
                         log.warning("event=stream_abandoned chat=%s reason=no_chunk_after_stop", job.chat_id)
                         break
                 continue
-            if kind == "error":
-                for piece_kind, text in splitter.flush():
-                    self._emit_piece(job, sink, parts, piece_kind, text)
-                raise value
-            pieces = splitter.flush() if kind == "end" else (
-                [("reasoning", value.text)] if isinstance(value, Reasoning) else splitter.feed(value))
-            for piece_kind, text in pieces:
+            # Deltas that piled up while we were away go out as one event, so a slow client or a busy
+            # machine costs fewer emits instead of falling further behind.
+            pieces: list[tuple[str, str]] = []
+            for kind, value in batch + drain(events):
+                if kind == "error":
+                    self._emit_pieces(job, sink, parts, pieces + splitter.flush())
+                    raise value
+                if kind == "end":
+                    pieces += splitter.flush()
+                    finished = True
+                    break
+                pieces += [("reasoning", value.text)] if isinstance(value, Reasoning) else splitter.feed(value)
+            if pieces:
                 first = first or time.perf_counter()
-                self._emit_piece(job, sink, parts, piece_kind, text)
-            if kind == "end":
-                break
+                self._emit_pieces(job, sink, parts, pieces)
         if job.cancel.is_set():
             result.finish_reason = "cancelled"
         ended = time.perf_counter()
@@ -280,10 +285,18 @@ class ChatService:
         return result, timings
 
     @staticmethod
-    def _emit_piece(job: ChatJob, sink: Sink, parts: dict[str, list[str]], kind: str, text: str) -> None:
-        parts[kind].append(text)
-        sink.emit("delta" if kind == "content" else "reasoning",
-                  {"chat_id": job.chat_id, "message_id": job.message_id, "content": text})
+    def _emit_pieces(job: ChatJob, sink: Sink, parts: dict[str, list[str]], pieces: list[tuple[str, str]]) -> None:
+        """Send pieces in order, joining neighbours of the same kind into one event."""
+        merged: list[tuple[str, str]] = []
+        for kind, text in pieces:
+            if merged and merged[-1][0] == kind:
+                merged[-1] = (kind, merged[-1][1] + text)
+            elif text:
+                merged.append((kind, text))
+        for kind, text in merged:
+            parts[kind].append(text)
+            sink.emit("delta" if kind == "content" else "reasoning",
+                      {"chat_id": job.chat_id, "message_id": job.message_id, "content": text})
 
     # -- control ---------------------------------------------------------------------------------
     def stop(self, chat_id: Any) -> bool:

@@ -6,6 +6,7 @@ never wakes a green waiter (../shared/NOTES.md). This module is the one place th
 """
 from __future__ import annotations
 
+import importlib
 import queue as _std_queue
 import sys
 import threading as _std_threading
@@ -46,27 +47,36 @@ def os_lock() -> Any:
     return _original("threading").Lock()
 
 
-def poll_get(q: Any, timeout: float | None = None, interval: float = 0.005) -> Any:
+def poll_get(q: Any, timeout: float | None = None) -> Any:
     """Take the next item from an `os_queue` without blocking an eventlet hub.
 
-    Under eventlet the (patched) `time.sleep` yields to other green threads between polls; without
-    it a plain blocking get is used. Raises TimeoutError after `timeout` seconds.
+    Under eventlet the wait happens in eventlet's OS thread pool (tpool), which wakes the waiting
+    green thread through a pipe the moment an item arrives: no polling delay, no blocked hub.
+    Without eventlet a plain blocking get is used. Raises TimeoutError after `timeout` seconds.
     """
     empty = _original("queue").Empty
-    if not _eventlet_patched():
-        try:
+    try:
+        return q.get_nowait()
+    except empty:
+        pass
+    try:
+        if not _eventlet_patched():
             return q.get(timeout=timeout)
-        except empty:
-            raise TimeoutError from None
-    deadline = None if timeout is None else _std_time.monotonic() + timeout
+        tpool = importlib.import_module("eventlet.tpool")
+        return tpool.execute(q.get, True, timeout)
+    except empty:
+        raise TimeoutError from None
+
+
+def drain(q: Any) -> list[Any]:
+    """Every item already waiting in an `os_queue` (never blocks)."""
+    empty = _original("queue").Empty
+    items = []
     while True:
         try:
-            return q.get_nowait()
+            items.append(q.get_nowait())
         except empty:
-            pass
-        if deadline is not None and _std_time.monotonic() >= deadline:
-            raise TimeoutError
-        _std_time.sleep(interval)  # patched: a green yield
+            return items
 
 
 def run_blocking(fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:

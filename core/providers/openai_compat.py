@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from core.concurrency import os_event, start_os_thread
+from core.concurrency import os_lock, os_event, start_os_thread
 from core.config import ConnectionConfig, Settings
 from core.errors import (AuthFailed, ModelNotFound, ModelUnavailable, ProviderError, ProviderTimeout,
                          ProviderUnreachable, RateLimited, StreamInterrupted, SwitchboardError)
@@ -149,6 +149,10 @@ class OpenAICompatProvider(Provider):
         self.key = conn.key
         self.display_name = conn.name
         self._cache: tuple[float, str, ProviderGroup] | None = None   # (time, key digest, group)
+        # One SDK client per key, reused: building one costs ~20 ms, and its pool keeps the
+        # connection warm, which is most of the relay's time to first token.
+        self._stream_client: tuple[str, openai.OpenAI] | None = None
+        self._client_lock = os_lock()
 
     # -- credentials -----------------------------------------------------------------------------
     def _api_key(self) -> str | None:
@@ -166,6 +170,17 @@ class OpenAICompatProvider(Provider):
 
     def _client(self, key: str, timeout: openai.Timeout) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.conn.base_url, api_key=key, timeout=timeout, max_retries=0)
+
+    def _shared_client(self, key: str) -> openai.OpenAI:
+        """The reusable streaming client for `key` (rebuilt when the key in the environment changes)."""
+        read = max(self.settings.first_token_timeout, self.settings.idle_timeout)
+        with self._client_lock:
+            if self._stream_client is None or self._stream_client[0] != key:
+                if self._stream_client is not None:
+                    self._stream_client[1].close()
+                client = self._client(key, openai.Timeout(read, connect=self.settings.connect_timeout))
+                self._stream_client = (key, client)
+            return self._stream_client[1]
 
     @property
     def url(self) -> str:
@@ -262,8 +277,7 @@ class OpenAICompatProvider(Provider):
         if options.stop:
             params["stop"] = list(options.stop)
         # Once the body flows the read timeout is only a backstop: the watchdog enforces the limits.
-        read = max(self.settings.first_token_timeout, self.settings.idle_timeout)
-        client = self._client(key, openai.Timeout(read, connect=self.settings.connect_timeout))
+        client = self._shared_client(key)
         started, chunks, finish, usage = time.monotonic(), 0, None, None
         watch: _Watchdog | None = None
         stream: Any = None
@@ -307,7 +321,6 @@ class OpenAICompatProvider(Provider):
                 watch.stop()
             if stream is not None:
                 stream.close()   # closes the HTTP response, so the server sees the disconnect
-            client.close()
         if cancel.is_set():
             result.finish_reason = "cancelled"
             log.info("event=openai_stream_cancelled connection=%s model=%s chunks=%d", self.key,
