@@ -2,7 +2,7 @@
 
 Transport-neutral: Socket.IO handlers and REST routes hand it a `sink` (anything with
 `emit(event, payload)`), so both surfaces share one code path. Provider streams run in a real OS
-thread; their deltas come back through an un-patched queue read with `poll_get`, so the server keeps
+thread; their deltas come back through a `WakeQueue` (un-patched, with a pipe wake-up), so the server keeps
 serving other clients while a model generates.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ContextManager, Protocol
 
 from core.admission import Admission
-from core.concurrency import drain, os_event, os_queue, poll_get, run_blocking, start_os_thread
+from core.concurrency import WakeQueue, os_event, run_blocking, start_os_thread
 from core.config import Settings
 from core.errors import BadRequest, Busy, EmptyContent, NotFound, SwitchboardError, TooLong
 from core.providers.base import Provider
@@ -214,7 +214,9 @@ class ChatService:
             messages = list(job.messages or [])
         if job.knowledge and self.knowledge is not None:
             collection = job.knowledge if isinstance(job.knowledge, str) else None
-            messages, sources = run_blocking(self.knowledge.augment, messages, job.query, collection, job.model)
+            lease = getattr(self.knowledge, "lease", None)
+            with lease(f"chat:{job.chat_id[:8]}") if lease else nullcontext():
+                messages, sources = run_blocking(self.knowledge.augment, messages, job.query, collection, job.model)
             sink.emit("citations", {"chat_id": job.chat_id, "message_id": job.message_id, "sources": sources})
         return job.provider.fit_context(job.model, messages, job.options.max_new_tokens)
 
@@ -225,18 +227,18 @@ class ChatService:
         reason = f"chat:{job.chat_id[:8]}"
         engine = run_blocking(job.provider.engine_for, job.model)
         if engine is not None:
-            return self.resources.use_engine(engine, "chat", reason)
-        return self.resources.use_external(job.provider.kind, job.model.native_name, reason)
+            return self.resources.use_engine(engine, "chat", reason, target=job.model.id)
+        return self.resources.use_external(job.provider.kind, job.model.native_name, reason, target=job.model.id)
 
     def _stream(self, job: ChatJob, messages: list[Message], sink: Sink,
                 parts: dict[str, list[str]]) -> tuple[StreamResult, dict]:
         result = StreamResult()
-        events = os_queue()
+        events = WakeQueue()
 
         def pump() -> None:
             try:
-                for piece in job.provider.stream_chat(job.model, messages, job.options, job.cancel, result):
-                    events.put(("piece", piece))
+                job.provider.push_chat(job.model, messages, job.options, job.cancel, result,
+                                       lambda piece: events.put(("piece", piece)))
                 events.put(("end", None))
             except BaseException as exc:  # handed to the consumer
                 events.put(("error", exc))
@@ -247,33 +249,36 @@ class ChatService:
         cancelled_at = None
         start_os_thread(pump, name=f"stream-{job.chat_id[:8]}")
         finished = False
-        while not finished:
-            try:
-                batch = [poll_get(events, timeout=0.25)]
-            except TimeoutError:
-                # A backend that is silent (e.g. Ollama still loading) only sees the cancel at its next
-                # chunk; don't keep the client waiting for it. The pump closes its stream when it wakes.
-                if job.cancel.is_set():
-                    cancelled_at = cancelled_at or time.perf_counter()
-                    if time.perf_counter() - cancelled_at > ABANDON_AFTER_CANCEL_S:
-                        log.warning("event=stream_abandoned chat=%s reason=no_chunk_after_stop", job.chat_id)
+        try:
+            while not finished:
+                try:
+                    batch = events.get_all(timeout=0.25)
+                except TimeoutError:
+                    # A backend that is silent (e.g. Ollama still loading) only sees the cancel at its
+                    # next chunk; don't keep the client waiting. The pump closes its stream when it wakes.
+                    if job.cancel.is_set():
+                        cancelled_at = cancelled_at or time.perf_counter()
+                        if time.perf_counter() - cancelled_at > ABANDON_AFTER_CANCEL_S:
+                            log.warning("event=stream_abandoned chat=%s reason=no_chunk_after_stop", job.chat_id)
+                            break
+                    continue
+                # Deltas that piled up while we were away go out as one event, so a slow client or a
+                # busy machine costs fewer emits instead of falling further behind.
+                pieces: list[tuple[str, str]] = []
+                for kind, value in batch:
+                    if kind == "error":
+                        self._emit_pieces(job, sink, parts, pieces + splitter.flush())
+                        raise value
+                    if kind == "end":
+                        pieces += splitter.flush()
+                        finished = True
                         break
-                continue
-            # Deltas that piled up while we were away go out as one event, so a slow client or a busy
-            # machine costs fewer emits instead of falling further behind.
-            pieces: list[tuple[str, str]] = []
-            for kind, value in batch + drain(events):
-                if kind == "error":
-                    self._emit_pieces(job, sink, parts, pieces + splitter.flush())
-                    raise value
-                if kind == "end":
-                    pieces += splitter.flush()
-                    finished = True
-                    break
-                pieces += [("reasoning", value.text)] if isinstance(value, Reasoning) else splitter.feed(value)
-            if pieces:
-                first = first or time.perf_counter()
-                self._emit_pieces(job, sink, parts, pieces)
+                    pieces += [("reasoning", value.text)] if isinstance(value, Reasoning) else splitter.feed(value)
+                if pieces:
+                    first = first or time.perf_counter()
+                    self._emit_pieces(job, sink, parts, pieces)
+        finally:
+            events.close()
         if job.cancel.is_set():
             result.finish_reason = "cancelled"
         ended = time.perf_counter()

@@ -7,6 +7,7 @@ never wakes a green waiter (../shared/NOTES.md). This module is the one place th
 from __future__ import annotations
 
 import importlib
+import os as _std_os
 import queue as _std_queue
 import sys
 import threading as _std_threading
@@ -22,7 +23,7 @@ def _eventlet_patched() -> bool:
 def _original(name: str) -> Any:
     if _eventlet_patched():
         return sys.modules["eventlet.patcher"].original(name)
-    return {"threading": _std_threading, "queue": _std_queue, "time": _std_time}[name]
+    return {"threading": _std_threading, "queue": _std_queue, "time": _std_time, "os": _std_os}[name]
 
 
 def start_os_thread(target: Callable[..., Any], *args: Any, name: str = "switchboard-worker") -> Any:
@@ -94,3 +95,75 @@ def run_blocking(fn: Callable[..., Any], *args: Any, timeout: float | None = Non
     if ok:
         return value
     raise value
+
+
+class WakeQueue:
+    """A queue an OS thread fills and a green (or plain) thread drains, with a direct wake-up.
+
+    Under eventlet every put also writes a byte to a pipe that the reader waits on through the hub,
+    so a token wakes the waiting green thread without a helper thread in between (cheaper per item
+    than `poll_get`'s tpool round trip: this is the per-token path of every stream). Without
+    eventlet it is a plain queue. Close it when done: it holds two file descriptors.
+    """
+
+    def __init__(self) -> None:
+        self._queue = os_queue()
+        self._empty = _original("queue").Empty
+        self._os = _original("os")
+        self._pipe: tuple[int, int] | None = None
+        # A put after close must never write into a reused descriptor: close and write share a lock.
+        self._pipe_lock = os_lock()
+        if _eventlet_patched():
+            read_fd, write_fd = self._os.pipe()
+            self._os.set_blocking(read_fd, False)
+            self._os.set_blocking(write_fd, False)
+            self._pipe = (read_fd, write_fd)
+
+    def put(self, item: Any) -> None:
+        self._queue.put(item)
+        with self._pipe_lock:
+            if self._pipe is not None:
+                try:
+                    self._os.write(self._pipe[1], b"\0")
+                except (BlockingIOError, OSError):
+                    pass  # pipe full: the reader is behind and will find the items anyway
+
+    def get_all(self, timeout: float | None = None) -> list[Any]:
+        """Every waiting item, waiting up to `timeout` for the first; TimeoutError if none came."""
+        items = drain(self._queue)
+        if items:
+            return items
+        if self._pipe is None:
+            try:
+                return [self._queue.get(timeout=timeout)] + drain(self._queue)
+            except self._empty:
+                raise TimeoutError from None
+        trampoline = importlib.import_module("eventlet.hubs").trampoline
+        read_fd = self._pipe[0]
+        deadline = None if timeout is None else _std_time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(deadline - _std_time.monotonic(), 0.0)
+            try:
+                trampoline(read_fd, read=True, timeout=remaining, timeout_exc=TimeoutError)
+            except TimeoutError:
+                pass
+            try:
+                while self._os.read(read_fd, 4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+            items = drain(self._queue)
+            if items:
+                return items
+            if deadline is not None and _std_time.monotonic() >= deadline:
+                raise TimeoutError
+
+    def close(self) -> None:
+        with self._pipe_lock:
+            if self._pipe is not None:
+                for fd in self._pipe:
+                    try:
+                        self._os.close(fd)
+                    except OSError:
+                        pass
+                self._pipe = None

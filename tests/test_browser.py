@@ -6,13 +6,22 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.helpers import BUNDLED_ID
+from tests.helpers import BUNDLED_ID, ServerProcess
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """A server whose default sampling is greedy: the page sends no options, and the France answer
+    must not depend on the dice (the 135M model sometimes wanders at temperature 0.7)."""
+    with ServerProcess(tmp_path_factory.mktemp("browser"), model_dir,
+                       env={"SWITCHBOARD_TEMPERATURE": "0"}) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")

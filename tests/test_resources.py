@@ -149,7 +149,7 @@ def test_unload_waits_for_a_running_stream(server):
 
         def unload():
             outcome["response"] = requests.post(server.url + "/api/resources/unload", json={"engine": "all"},
-                                                timeout=120).json()
+                                                timeout=600).json()
             outcome["at"] = time.monotonic()
 
         worker = threading.Thread(target=unload)
@@ -159,8 +159,9 @@ def test_unload_waits_for_a_running_stream(server):
             engines = server.get("/api/resources").json()["engines"]
             waiting_seen |= any(e["waiting_for_leases"] and e["state"] == "unloading" for e in engines)
             time.sleep(0.1)
-        _, done_at, name, done = client.wait_end(first["chat_id"])
-        worker.join(60)
+        _, done_at, name, done = client.wait_end(first["chat_id"], timeout=600)
+        worker.join(600)
+        assert "at" in outcome, "the unload request did not finish"
         assert name == "done" and done["finish_reason"] in ("stop", "length")
         assert outcome["at"] >= done_at, "the unload returned before the stream ended"
         assert waiting_seen, "the resource status should show the unload waiting for the stream's lease"

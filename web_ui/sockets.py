@@ -91,7 +91,7 @@ def on_select_model(data: Any) -> None:
         # Free and load now, so the first message to this model does not wait for the switch.
         try:
             engine = run_blocking(provider.engine_for, model)
-            svc.resources.prepare(engine, provider.kind, model.native_name, reason="select_model")
+            svc.resources.prepare(engine, provider.kind, model.native_name, reason="select_model", target=model.id)
         except SwitchboardError as exc:
             socketio.emit("error", exc.to_dict(), to=sid)
         except Exception:

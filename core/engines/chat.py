@@ -4,28 +4,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from core.concurrency import os_lock, os_queue, start_os_thread
 from core.engines.base import LOADED, LOADING, PARKED, UNLOADED, UNLOADING, Engine
-from core.engines.device import pick_device, release_memory
+from core.engines.device import CancelCriteria, module_bytes, pick_device, release_memory
 from core.errors import GenerationFailed
 from core.providers.base import CancelToken
 from core.types import ChatOptions, Message, StreamResult
 
 log = logging.getLogger(__name__)
-
-
-class _CancelCriteria:
-    """Stops `generate` at the next token once the cancel token is set (a StoppingCriteria)."""
-
-    def __init__(self, cancel: CancelToken) -> None:
-        self.cancel = cancel
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class TransformersChatEngine(Engine):
@@ -119,11 +107,7 @@ class TransformersChatEngine(Engine):
         return sum(p.stat().st_size for p in self.path.glob("*.safetensors"))
 
     def memory_bytes(self) -> int:
-        model = self.model
-        if model is None:
-            return 0
-        return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-            b.numel() * b.element_size() for b in model.buffers())
+        return module_bytes(self.model)
 
     def count_tokens(self, messages: list[Message]) -> int:
         """Prompt length in tokens with the chat template applied."""
@@ -132,10 +116,19 @@ class TransformersChatEngine(Engine):
                                                  tokenize=True)
         return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
-    def generate(self, messages: list[Message], options: ChatOptions, cancel: CancelToken,
-                 result: StreamResult) -> Iterator[str]:
-        """Stream the answer's text; `generate` runs in its own OS thread feeding an un-patched queue."""
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+    def generate_to(self, messages: list[Message], options: ChatOptions, cancel: CancelToken,
+                    result: StreamResult, emit: Callable[[str], None]) -> None:
+        """Generate in the calling (OS) thread, handing each piece of text to `emit` as it is decoded.
+
+        This is the per-token hot path of local chat: no extra thread or queue between the model
+        and the consumer's queue.
+        """
+        from transformers import StoppingCriteriaList, TextStreamer
+
+        class CallbackStreamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    emit(text)
 
         self.load()
         model, tokenizer = self.model, self.tokenizer
@@ -144,11 +137,9 @@ class TransformersChatEngine(Engine):
         inputs = tokenizer.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt=True,
                                                return_tensors="pt", return_dict=True).to(self.device)
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        streamer.text_queue = os_queue()  # a green queue would never wake across OS threads
         kwargs: dict[str, Any] = dict(
-            **inputs, streamer=streamer, max_new_tokens=options.max_new_tokens,
-            stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]),
+            **inputs, streamer=CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+            max_new_tokens=options.max_new_tokens, stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]),
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
         if options.temperature > 0:
@@ -158,30 +149,38 @@ class TransformersChatEngine(Engine):
         if options.stop:
             kwargs["stop_strings"] = options.stop
             kwargs["tokenizer"] = tokenizer
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                outcome["sequences"] = model.generate(**kwargs)
-            except BaseException as exc:  # reported to the consumer below
-                outcome["error"] = exc
-                streamer.end()
-
-        thread = start_os_thread(run, name=f"generate-{self.model_id}")
-        for text in streamer:
-            if text:
-                yield text
-        thread.join()
-        if "error" in outcome:
-            log.error("event=generation_failed model=%s error=%r", self.model_id, outcome["error"])
-            raise GenerationFailed(f"the local model failed while generating: {outcome['error']}")
-        completion = int(outcome["sequences"].shape[1]) - prompt_tokens
+        try:
+            sequences = model.generate(**kwargs)
+        except Exception as exc:
+            log.error("event=generation_failed model=%s error=%r", self.model_id, exc)
+            raise GenerationFailed(f"the local model failed while generating: {exc}") from None
+        completion = int(sequences.shape[1]) - prompt_tokens
         result.usage.prompt_tokens = prompt_tokens
         result.usage.completion_tokens = completion
-        last = int(outcome["sequences"][0, -1]) if completion else None
+        last = int(sequences[0, -1]) if completion else None
         if cancel.is_set():
             result.finish_reason = "cancelled"
         elif completion >= options.max_new_tokens and last != tokenizer.eos_token_id:
             result.finish_reason = "length"
         else:
             result.finish_reason = "stop"
+
+    def generate(self, messages: list[Message], options: ChatOptions, cancel: CancelToken,
+                 result: StreamResult) -> Iterator[str]:
+        """The same as `generate_to`, as an iterator: generation runs in its own OS thread and its text
+        comes through an un-patched queue (a green queue would never wake across OS threads)."""
+        pieces = os_queue()
+        done = object()
+
+        def run() -> None:
+            try:
+                self.generate_to(messages, options, cancel, result, pieces.put)
+            except BaseException as exc:  # re-raised in the consumer below
+                pieces.put(exc)
+            pieces.put(done)
+
+        start_os_thread(run, name=f"generate-{self.model_id}")
+        while (item := pieces.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item

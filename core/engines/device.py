@@ -5,6 +5,7 @@ import ctypes
 import gc
 import logging
 import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -43,3 +44,23 @@ def release_memory(device: str) -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except OSError:
             pass
+
+
+def module_bytes(model: Any | None) -> int:
+    """Bytes held by a torch module's parameters and buffers (0 for None)."""
+    if model is None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+
+
+class CancelCriteria:
+    """A transformers StoppingCriteria that ends `generate` at the next token once `cancel` is set."""
+
+    def __init__(self, cancel: Any) -> None:
+        self.cancel = cancel
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)

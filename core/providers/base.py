@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from core.types import ChatOptions, Message, ModelInfo, StreamResult
 
 # Rough characters-per-token ratio used when a backend offers no tokenizer.
 APPROX_CHARS_PER_TOKEN = 4
+# Upper bounds of what chat templates add: per message (role markers) and once (a default system prompt).
+TEMPLATE_TOKENS_PER_MESSAGE = 16
+TEMPLATE_TOKENS_FIXED = 64
 
 
 class CancelToken(Protocol):
@@ -69,6 +72,13 @@ class Provider(ABC):
     ) -> Iterator[str]:
         """Yield the answer's text deltas; raise a core.errors.SwitchboardError on failure."""
 
+    def push_chat(self, model: ModelInfo, messages: list[Message], options: ChatOptions, cancel: CancelToken,
+                  result: StreamResult, emit: Callable[[Any], None]) -> None:
+        """`stream_chat`, handing each delta to `emit` in the calling thread. In-process backends
+        override it to skip a thread hop per token; the chat service always calls this one."""
+        for piece in self.stream_chat(model, messages, options, cancel, result):
+            emit(piece)
+
     def engine_for(self, model: ModelInfo) -> Any | None:
         """The in-process engine that serves `model` (blocking: may prepare files), or None if external."""
         return None
@@ -89,6 +99,11 @@ class Provider(ABC):
         budget = max(model.context_length - max_new_tokens, 1)
         system = [m for m in messages if m.role == "system"]
         turns = [m for m in messages if m.role != "system"]
+        # Every token covers at least one UTF-8 byte (byte-level BPE, SentencePiece byte fallback), so
+        # a prompt whose bytes plus a generous template allowance fit needs no tokenizer pass.
+        upper_bound = sum(len(m.content.encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages)
+        if upper_bound + TEMPLATE_TOKENS_FIXED <= budget:
+            return system + turns
         while len(turns) > 1 and self.count_tokens(model, system + turns) > budget:
             turns.pop(0)
             # Never start the context on an assistant turn.

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from core.concurrency import os_lock
 from core.engines.chat import TransformersChatEngine
@@ -121,11 +121,22 @@ class LocalProvider(Provider):
         # lazily only when a provider is used without one (tools, unit tests).
         yield from engine.generate(messages, options, cancel, result)
 
+    def push_chat(self, model: ModelInfo, messages: list[Message], options: ChatOptions, cancel: CancelToken,
+                  result: StreamResult, emit: Callable[[Any], None]) -> None:
+        engine = self.engine_for(model)
+        self.cache.touch_last_used(model.native_name)
+        engine.generate_to(messages, options, cancel, result, emit)
+
     def count_tokens(self, model: ModelInfo, messages: list[Message]) -> int:
         engine = self.engines.get(model.native_name)
         if engine is not None and engine.is_loaded():
             return engine.count_tokens(messages)
         return super().count_tokens(model, messages)
+
+    def forget(self, repo: str) -> None:
+        """Drop the engine object of a deleted model (its cached tokenizer included)."""
+        with self._engines_lock:
+            self.engines.pop(repo, None)
 
     def loaded_models(self) -> list[dict]:
         return [{"name": e.model_id, "device": e.device, "dtype": e.dtype, "size": e.memory_bytes()}

@@ -75,6 +75,12 @@ class ResourceManager:
             slot.roles.add(role)
             return slot
 
+    def forget(self, engine: Engine) -> None:
+        """Stop tracking an engine whose files are gone (it must be unloaded)."""
+        with self._cond:
+            self.slots.pop(id(engine), None)
+        self._changed()
+
     def _changed(self) -> None:
         for listener in list(self.listeners):
             try:
@@ -155,7 +161,7 @@ class ResourceManager:
 
     # -- what requests call ----------------------------------------------------------------------
     @contextmanager
-    def use_engine(self, engine: Engine, role: str, reason: str) -> Iterator[Engine]:
+    def use_engine(self, engine: Engine, role: str, reason: str, target: str | None = None) -> Iterator[Engine]:
         """Hold a lease on a local engine for one request, loading it first if needed.
 
         A chat engine is a switch target (the policy makes room for it: other chat models, and
@@ -165,7 +171,7 @@ class ResourceManager:
         slot = self.track(engine, role)
         with self._switch:
             if role == "chat":
-                self._switch_to("local", getattr(engine, "model_id", "?"), slot, reason)
+                self._switch_to("local", target or f"local:{getattr(engine, 'model_id', '?')}", slot, reason)
             self._load(slot, reason)
             with self._cond:
                 slot.leases += 1
@@ -181,10 +187,10 @@ class ResourceManager:
             self._changed()
 
     @contextmanager
-    def use_external(self, kind: str, model_name: str, reason: str) -> Iterator[None]:
+    def use_external(self, kind: str, model_name: str, reason: str, target: str | None = None) -> Iterator[None]:
         """Free local engines per policy before an external model streams; Ollama models get a lease."""
         with self._switch:
-            self._switch_to(kind, model_name, None, reason)
+            self._switch_to(kind, target or f"{kind}:{model_name}", None, reason)
             with self._cond:
                 if kind == "ollama":
                     self.ollama_leases[model_name] = self.ollama_leases.get(model_name, 0) + 1
@@ -198,17 +204,17 @@ class ResourceManager:
                     self._cond.notify_all()
             self._changed()
 
-    def prepare(self, engine: Engine | None, kind: str, model_name: str, reason: str) -> None:
+    def prepare(self, engine: Engine | None, kind: str, model_name: str, reason: str,
+                target: str | None = None) -> None:
         """What `select_model` does: switch now (free and load) without holding a lease."""
         if engine is not None:
-            with self.use_engine(engine, "chat", reason):
+            with self.use_engine(engine, "chat", reason, target):
                 return
-        with self.use_external(kind, model_name, reason):
+        with self.use_external(kind, model_name, reason, target):
             return
 
-    def _switch_to(self, kind: str, model: str, slot: Slot | None, reason: str) -> None:
-        """Make room for the target and log one measured `model_switch` line when the target changes."""
-        target = f"{kind}:{model}"
+    def _switch_to(self, kind: str, target: str, slot: Slot | None, reason: str) -> None:
+        """Make room for `target` (a model id) and log one measured `model_switch` line when it changes."""
         previous = self.last_switch["to"] if self.last_switch else None
         if previous == target and (slot is None or slot.engine.is_loaded()):
             return
