@@ -17,12 +17,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run.py", description="Switchboard: one chat page for local, "
                                      "Ollama and OpenAI-compatible models.")
     parser.add_argument("--data-dir", help="data directory (default ./data, env SWITCHBOARD_DATA_DIR)")
+    parser.add_argument("--model-dir", help="model cache (default <data-dir>/models, env MODEL_DIR)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the web server (the default)")
     for target in (parser, serve):
         target.add_argument("--host", help="address to bind (default 127.0.0.1)")
         target.add_argument("--port", type=int, help="port (default 5000)")
+        target.add_argument("--api-token", help="require this access token from every API and Socket.IO "
+                            "client (env SWITCHBOARD_API_TOKEN, which keeps it out of the process list)")
     try:
         from core.models import cli as models_cli
     except ImportError:  # the model manager CLI is optional at this stage
@@ -35,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    for noisy in ("werkzeug", "engineio.server", "socketio.server", "httpx", "urllib3"):
+    for noisy in ("werkzeug", "engineio.server", "socketio.server", "httpx", "httpx2", "urllib3",
+                  "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -59,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     from core.config import load_settings
     from core.errors import SwitchboardError
 
-    overrides = {"data_dir": args.data_dir, "log_level": args.log_level,
-                 "host": getattr(args, "host", None), "port": getattr(args, "port", None)}
+    overrides = {"data_dir": args.data_dir, "model_dir": args.model_dir, "log_level": args.log_level,
+                 "host": getattr(args, "host", None), "port": getattr(args, "port", None),
+                 "api_token": getattr(args, "api_token", None)}
     try:
         settings = load_settings(overrides)
     except SwitchboardError as exc:

@@ -107,7 +107,7 @@ class Settings:
                                             "Tokens a chunk repeats from the end of the previous one.")
     knowledge_top_k: int = _setting(3, "knowledge.top_k", "SWITCHBOARD_KNOWLEDGE_TOP_K",
                                     "Chunks retrieved per question.")
-    knowledge_min_score: float = _setting(0.3, "knowledge.min_score", "SWITCHBOARD_KNOWLEDGE_MIN_SCORE",
+    knowledge_min_score: float = _setting(0.35, "knowledge.min_score", "SWITCHBOARD_KNOWLEDGE_MIN_SCORE",
                                           "Cosine similarity below which a chunk is not relevant (not cited).")
     knowledge_context_tokens: int = _setting(1500, "knowledge.context_tokens", "SWITCHBOARD_KNOWLEDGE_CONTEXT_TOKENS",
                                              "Most prompt tokens the excerpts may take (and never over half the "
@@ -118,8 +118,9 @@ class Settings:
                                        "chat (a chat model with a translation prompt) or seq2seq (a dedicated "
                                        "model such as Marian).")
     translation_model: str = _setting("", "translation.model", "SWITCHBOARD_TRANSLATION_MODEL",
-                                      "chat: a model id (default: chat.default_model); seq2seq: a model-cache "
-                                      "repo id (e.g. Helsinki-NLP/opus-mt-en-de) or a directory.")
+                                      "chat: a model id (default: the loaded local chat model, else "
+                                      "chat.default_model); seq2seq: a model-cache repo id (e.g. "
+                                      "Helsinki-NLP/opus-mt-en-de) or a directory.")
     translation_device: str = _setting("auto", "translation.device", "SWITCHBOARD_TRANSLATION_DEVICE",
                                        "Device of a seq2seq translation model: auto, cpu, cuda or cuda:N.")
     translation_max_chars: int = _setting(5000, "translation.max_chars", "SWITCHBOARD_TRANSLATION_MAX_CHARS",

@@ -9,13 +9,17 @@ from dataclasses import dataclass
 from core.chat import ChatService
 from core.concurrency import start_os_thread
 from core.config import Settings, parse_bytes
+from core.errors import SwitchboardError
+from core.knowledge.service import KnowledgeService
 from core.models.cache import ModelCache
+from core.models.downloads import DownloadManager
 from core.providers.base import Provider
 from core.providers.local import LocalProvider
 from core.registry import ModelRegistry
 from core.resources.manager import ResourceManager
 from core.router import Router
 from core.storage import ChatStore
+from core.translation import TranslationService
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +38,17 @@ class Services:
     store: ChatStore
     chat: ChatService
     resources: ResourceManager
+    knowledge: KnowledgeService | None = None
+    translation: TranslationService | None = None
+    downloads: DownloadManager | None = None  # None when models.endpoints is unusable (logged)
 
     def models_payload(self, refresh: bool = False) -> dict:
         return self.registry.public_listing(refresh=refresh, default=self.settings.default_model)
 
     def close(self) -> None:
         self.store.close()
+        if self.knowledge is not None:
+            self.knowledge.close()
 
 
 def external_providers(settings: Settings) -> list[Provider]:
@@ -88,8 +97,15 @@ def build_services(settings: Settings, start_background: bool = True) -> Service
     if interrupted:
         log.warning("event=history_repair messages_marked_incomplete=%d", interrupted)
     resources = build_resource_manager(settings, next((p for p in externals if p.kind == "ollama"), None))
-    chat = ChatService(store, router, settings, resources=resources)
-    services = Services(settings, cache, local, registry, router, store, chat, resources)
+    knowledge = KnowledgeService(settings, resources=resources)
+    chat = ChatService(store, router, settings, knowledge=knowledge, resources=resources)
+    translation = TranslationService(settings, router, local, chat.admission, resources=resources)
+    services = Services(settings, cache, local, registry, router, store, chat, resources, knowledge, translation)
+    try:  # downloads run in real OS threads, never on the eventlet hub
+        services.downloads = DownloadManager.from_settings(
+            settings, spawn=lambda fn: start_os_thread(fn, name="model-download"))
+    except SwitchboardError as exc:
+        log.warning("event=downloads_disabled reason=%s", exc.message)
     if start_background and settings.prepare_bundled:
         def prepare() -> None:
             try:

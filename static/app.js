@@ -34,11 +34,27 @@
     send: $("#send"), stop: $("#stop"), reset: $("#reset"), panels: $("#panels"),
   };
 
+  // ---------- access token (--api-token): asked once, kept in sessionStorage for this session ----------
+  const TOKEN_KEY = "switchboard.token";
+  const tokenUi = { dialog: $("#token-dialog"), form: $("#token-form"), input: $("#token-input"), message: $("#token-message") };
+  const getToken = () => sessionStorage.getItem(TOKEN_KEY) || "";
+  const authHeaders = () => (getToken() ? { Authorization: "Bearer " + getToken() } : {});
+  let tokenTyped = false;                    // a refusal after the user typed a token means it was wrong
+  function askToken() {                      // on a 401 or a refused socket; idempotent
+    sessionStorage.removeItem(TOKEN_KEY);
+    tokenUi.message.textContent = tokenTyped ? "That token was not accepted; try again."
+                                             : "This server needs an access token.";
+    if (!tokenUi.dialog.open) { tokenUi.input.value = ""; tokenUi.dialog.showModal(); }
+  }
+
   // ---------- REST ----------
   async function api(path, options) {
-    const res = await fetch(path, Object.assign({ headers: { Accept: "application/json" } }, options));
+    const opts = Object.assign({}, options);
+    opts.headers = Object.assign({ Accept: "application/json" }, authHeaders(), opts.headers);
+    const res = await fetch(path, opts);
     let body = null;
     try { body = await res.json(); } catch (e) { /* not JSON */ }
+    if (res.status === 401) askToken();
     if (!res.ok) {
       const info = (body && body.error) || {};
       const err = new Error(info.message || res.statusText || "request failed");
@@ -88,9 +104,18 @@
     const body = el("div", "content");
     if (role === "assistant") renderMarkdown(body, content);
     else body.textContent = content;          // user/system text is shown as plain text
-    node.append(el("div", "role", label), body);
+    node.append(el("div", "role", label));
+    if (role === "assistant" && opts.reasoning) node.append(reasoningNode(opts.reasoning));
+    node.append(body);
     if (opts.status) setBadge(node, opts.status);
     return node;
+  }
+  function reasoningNode(text) {             // the model's thinking: collapsed, plain text (never HTML)
+    const box = el("details", "reasoning");
+    const body = el("div", "reasoning-text", text);
+    body.style.whiteSpace = "pre-wrap";
+    box.append(el("summary", null, "Reasoning"), body);
+    return box;
   }
   function setBadge(node, status) {
     if (!BADGES.includes(status) || node.querySelector(".badge")) return;
@@ -129,7 +154,7 @@
     ui.messages.replaceChildren();
     msgs.forEach((m, i) => {
       if (!(s && s.messageId === m.id)) {     // the live bubble stands in for a streaming answer
-        const node = messageNode(m.role, m.content, { id: m.id, status: m.status, inContext: m.in_context, model: m.model });
+        const node = messageNode(m.role, m.content, { id: m.id, status: m.status, inContext: m.in_context, model: m.model, reasoning: m.reasoning });
         if (m.role === "assistant" && m.finish_reason) node.appendChild(el("div", "meta", metaText(m)));
         ui.messages.appendChild(node);
       }
@@ -265,6 +290,7 @@
   }
 
   // ---------- sending and streaming ----------
+  const payloadHooks = [];                    // Switchboard.onChatPayload(fn): fn(payload) before a chat is sent
   function send() {
     const content = ui.prompt.value;
     if (!content.trim() || state.stream) return;
@@ -273,6 +299,7 @@
     if (!socket.connected) return showError({ code: "disconnected", message: "Not connected to the server." });
     const payload = { model: model, content: content };
     if (state.chatId) payload.chat_id = state.chatId;
+    payloadHooks.forEach((hook) => hook(payload));   // e.g. knowledge.js adds `knowledge: true`
     append(messageNode("user", content));
     scrollDown();
     ui.prompt.value = "";
@@ -309,7 +336,7 @@
   }
 
   // ---------- socket ----------
-  const socket = io();
+  const socket = io({ auth: (cb) => cb({ token: getToken() }) });
   const setConn = (text, key) => { ui.conn.textContent = text; ui.conn.dataset.state = key; };
   let everConnected = false;
 
@@ -331,7 +358,8 @@
     }
   });
   socket.io.on("reconnect_attempt", () => setConn("reconnecting…", "reconnecting"));
-  socket.on("connect_error", () => {        // socket.active: the client will retry by itself
+  socket.on("connect_error", (err) => {     // socket.active: the client will retry by itself
+    if (err && err.message === "unauthorized") askToken();
     if (socket.active) setConn("reconnecting…", "reconnecting"); else setConn("disconnected", "disconnected");
   });
 
@@ -360,6 +388,13 @@
       setStreamStatus("waiting — position " + d.position);
     }
   });
+  socket.on("reasoning", (d) => {          // shown collapsed above the answer
+    const s = state.stream;
+    if (!s || !s.bubble || d.message_id !== s.messageId) return;
+    let box = s.bubble.querySelector(".reasoning");
+    if (!box) box = s.bubble.insertBefore(reasoningNode(""), s.bubble.querySelector(".content"));
+    box.querySelector(".reasoning-text").textContent += d.content || "";
+  });
   socket.on("delta", (d) => {
     const s = state.stream;
     if (!s || !s.bubble || (d.message_id !== s.messageId && d.chat_id !== s.chatId)) return;
@@ -382,6 +417,8 @@
   });
   socket.on("error", (d) => {
     d = d || {};
+    if (d.request_id) return;                 // a translation's error: the translate box shows it
+    if (d.model && !d.chat_id) return;        // a download's error: the models panel shows it
     const s = state.stream;
     // Does this error end our stream? Before chat_started a request error may carry no chat_id.
     const mine = !!s && (s.started ? d.chat_id === s.chatId || d.message_id === s.messageId
@@ -423,6 +460,8 @@
   window.Switchboard = {
     socket: socket, state: state, api: api, renderMarkdown: renderMarkdown,
     openChat: openChat, newChat: newChat, loadChats: loadChats, refreshModels: refreshModels,
+    /** Registers fn(payload), called with each chat payload before it is sent (may add fields). */
+    onChatPayload(fn) { payloadHooks.push(fn); },
     /** Adds a titled panel to <aside id="panels"> and returns its body element. */
     addPanel(id, title) {
       const panel = el("section", "panel", null, { id: id });
@@ -436,7 +475,16 @@
   };
 
   // ---------- start ----------
-  api("/api/models").then(renderModels).catch((e) => showError(e));
+  tokenUi.dialog.addEventListener("cancel", (e) => e.preventDefault());   // no way around the question
+  tokenUi.form.addEventListener("submit", () => {   // method=dialog: the dialog closes itself
+    sessionStorage.setItem(TOKEN_KEY, tokenUi.input.value.trim());
+    tokenTyped = true;
+    api("/api/models").then(renderModels).catch((e) => e.code === "unauthorized" || showError(e));
+    loadChats();
+    if (state.chatId) openChat(state.chatId);
+    if (!socket.connected) socket.connect();
+  });
+  api("/api/models").then(renderModels).catch((e) => e.code === "unauthorized" || showError(e));
   loadChats();
   updateControls();
   let startChat = "";                        // #<chat id> reopens that chat after a reload

