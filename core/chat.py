@@ -54,6 +54,8 @@ class ChatJob:
     knowledge: bool | str = False
     messages: list[Message] | None = None
     cancel: Any = field(default_factory=os_event)
+    received: float = field(default_factory=time.perf_counter)
+    setup_ms: float | None = None   # accepted → generation started (history, admission, lease)
 
     @property
     def stored(self) -> bool:
@@ -183,9 +185,9 @@ class ChatService:
             sink.emit("done", {"chat_id": job.chat_id, "message_id": job.message_id,
                                "finish_reason": result.finish_reason, "usage": result.usage.to_dict(),
                                "timings": timings})
-            log.info("event=chat_done chat=%s model=%s finish=%s tokens=%d ttft_ms=%s tokens_per_s=%s",
+            log.info("event=chat_done chat=%s model=%s finish=%s tokens=%d setup_ms=%s ttft_ms=%s tokens_per_s=%s",
                      job.chat_id, job.model.id, result.finish_reason, result.usage.completion_tokens,
-                     timings["ttft_ms"], timings["tokens_per_s"])
+                     job.setup_ms, timings["ttft_ms"], timings["tokens_per_s"])
         except SwitchboardError as exc:
             self._fail(job, sink, parts, exc)
         except Exception as exc:  # never leave a client without an ending
@@ -245,6 +247,7 @@ class ChatService:
 
         splitter = ThinkSplitter()
         started = time.perf_counter()
+        job.setup_ms = round((started - job.received) * 1000, 1)
         first = None
         cancelled_at = None
         start_os_thread(pump, name=f"stream-{job.chat_id[:8]}")

@@ -21,10 +21,10 @@ FRANCE = "What is the capital of France?"
 pytestmark = pytest.mark.slow
 
 
-def write_config(data_dir, base_url: str, env: str = "LLAMA_TEST_KEY") -> None:
+def write_config(data_dir, base_url: str, env: str = "LLAMA_TEST_KEY", models: str = "") -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "config.toml").write_text(
-        f'[model_names.llama]\nname = "llama.cpp"\nbase_url = "{base_url}"\nenv = "{env}"\n')
+        f'[model_names.llama]\nname = "llama.cpp"\nbase_url = "{base_url}"\nenv = "{env}"\n{models}')
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,20 @@ def test_wrong_key_and_unknown_model(make_server, tmp_path, llama, ollama):
     finally:
         client.close()
     assert "sk-wrong-key-1234" not in srv.log()
+    # With the model named in the config (no discovery), the chat reaches the server: auth_failed.
+    data = tmp_path / "wrong-listed"
+    write_config(data, llama.base_url, models='models = ["smollm2"]\n')
+    srv = make_server(data, env={"LLAMA_TEST_KEY": "sk-wrong-key-5678"})
+    client = EventClient(srv.url)
+    try:
+        chat_id, name, err, _ = chat(client, "llama:smollm2", FRANCE)
+        assert name == "error" and err["code"] == "auth_failed", err
+        assert "LLAMA_TEST_KEY" in err["message"] and "sk-wrong-key-5678" not in err["message"]
+        stored = srv.get(f"/api/chats/{chat_id}").json()["messages"][-1]
+        assert stored["status"] == "error" and stored["error_code"] == "auth_failed"
+    finally:
+        client.close()
+    assert "sk-wrong-key-5678" not in srv.log()
 
 
 def test_missing_key_env_shows_how_to_fix(make_server, tmp_path, llama):
