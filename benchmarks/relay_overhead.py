@@ -10,7 +10,6 @@ sends one token per chunk), the ratio (goal >= 0.98) and the added time to first
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from openai import OpenAI  # noqa: E402
 
+from benchmarks.common import print_round, report  # noqa: E402
 from tests.helpers import EventClient, ServerProcess  # noqa: E402
 from tests.peers.llama_server import LlamaServer, ensure_llama_cpp_installed  # noqa: E402
 
@@ -72,17 +72,10 @@ def main() -> None:
                 d = direct(sdk, args.tokens)
                 r = relayed(sio, args.tokens)
                 rows.append((*d, *r))
-                print(f"round {i + 1}: direct {d[1]:6.2f} tok/s ttft {d[0] * 1000:6.1f} ms | "
-                      f"relayed {r[1]:6.2f} tok/s ttft {r[0] * 1000:6.1f} ms")
+                print_round(i, rows, "direct", "relayed")
             sio.close()
-    d_tps = statistics.median(r[1] for r in rows)
-    r_tps = statistics.median(r[3] for r in rows)
-    added = statistics.median(r[2] - r[0] for r in rows) * 1000
-    print(f"\nmedian of {args.rounds} rounds, {args.tokens} tokens, greedy, SmolLM2 Q4_1 on llama.cpp")
-    print(f"direct (openai SDK)  : {d_tps:.2f} tokens/s")
-    print(f"through Switchboard  : {r_tps:.2f} tokens/s")
-    print(f"ratio relayed/direct : {r_tps / d_tps:.3f}  (goal >= 0.98)")
-    print(f"added TTFT           : {added:+.1f} ms  (goal < 5 ms)")
+    report(rows, "direct (openai SDK)", "through Switchboard",
+           f"{args.tokens} tokens, greedy, SmolLM2 Q4_1 on llama.cpp")
 
 
 if __name__ == "__main__":

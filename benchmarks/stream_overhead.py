@@ -10,7 +10,6 @@ ratio (goal >= 0.98) and the added time to first token (goal < 5 ms).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from core.models.bundled import ensure_bundled_model  # noqa: E402
 from core.models.cache import ModelCache  # noqa: E402
 from core.models.catalog import BUNDLED_REPO  # noqa: E402
 from core.types import ChatOptions, Message, StreamResult  # noqa: E402
+from benchmarks.common import print_round, report  # noqa: E402
 from tests.helpers import BUNDLED_ID, EventClient, ServerProcess  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -73,17 +73,10 @@ def main() -> None:
             d_ttft, d_tps = direct(engine, args.tokens)
             s_ttft, s_tps = through_server(client, args.tokens)
             rows.append((d_ttft, d_tps, s_ttft, s_tps))
-            print(f"round {i + 1}: direct {d_tps:6.2f} tok/s ttft {d_ttft * 1000:6.1f} ms | "
-                  f"server {s_tps:6.2f} tok/s ttft {s_ttft * 1000:6.1f} ms")
+            print_round(i, rows, "direct", "Socket.IO")
         client.close()
-    d_tps = statistics.median(r[1] for r in rows)
-    s_tps = statistics.median(r[3] for r in rows)
-    added = statistics.median(r[2] - r[0] for r in rows) * 1000
-    print(f"\nmedian of {args.rounds} rounds, {args.tokens} tokens, greedy, bundled SmolLM2 on {engine.device}/{engine.dtype}")
-    print(f"direct engine       : {d_tps:.2f} tokens/s")
-    print(f"through Socket.IO   : {s_tps:.2f} tokens/s")
-    print(f"ratio server/direct : {s_tps / d_tps:.3f}  (goal >= 0.98)")
-    print(f"added TTFT          : {added:+.1f} ms  (goal < 5 ms)")
+    report(rows, "direct engine", "through Socket.IO",
+           f"{args.tokens} tokens, greedy, bundled SmolLM2 on {engine.device}/{engine.dtype}")
 
 
 if __name__ == "__main__":

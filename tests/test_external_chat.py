@@ -6,7 +6,6 @@ process built from Ollama's API docs.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import requests

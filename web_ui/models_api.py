@@ -23,12 +23,13 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 
 from core.concurrency import os_lock, os_queue, poll_get, run_blocking
 from core.engines.base import LOADING
-from core.errors import BadRequest, Busy, ModelUnavailable, NotFound, SwitchboardError
+from core.errors import BadRequest, Busy, ModelUnavailable, NotFound
 from core.models.cache import MISSING, disk_usage, validate_repo_id
 from core.models.catalog import CATALOG, find_entry
 from core.models.jobs import DONE, ERROR, PROGRESS
 from core.services import Services
 from web_ui.extensions import socketio
+from web_ui.sockets import handles_errors
 
 bp = Blueprint("models_api", __name__)
 log = logging.getLogger(__name__)
@@ -272,17 +273,7 @@ def delete_model(org: str, name: str):
 
 def _on(event: str, action: Callable[[Downloads, str], dict]) -> None:
     """Register a handler whose failures go back to the sender as `error` {model?, code, message}."""
-    def handler(data: Any = None) -> None:
-        try:
-            action(downloads(), parse_model(data))
-        except SwitchboardError as exc:
-            payload = exc.to_dict()
-            if isinstance(data, dict) and isinstance(data.get("model"), str):
-                payload["model"] = data["model"]
-            log.warning("event=socket_error on=%s code=%s message=%s", event, exc.code, exc.message)
-            socketio.emit("error", payload, to=request.sid)
-    handler.__name__ = f"on_{event}"
-    socketio.on_event(event, handler)
+    handles_errors(event, echo=("model",))(lambda data: action(downloads(), parse_model(data)))
 
 
 _on("download_model", Downloads.start)

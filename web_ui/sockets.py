@@ -29,16 +29,18 @@ def _chat_id_of(data: Any) -> Any:
     return data.get("chat_id")
 
 
-def handles_errors(event: str) -> Callable:
-    """Decorator: a SwitchboardError becomes an `error` event to the sender; the connection stays usable."""
+def handles_errors(event: str, echo: tuple[str, ...] = ("chat_id",)) -> Callable:
+    """Decorator: a SwitchboardError becomes an `error` event to the sender (with the request's `echo`
+    fields, so the client knows what failed); the connection stays usable."""
     def wrap(fn: Callable) -> Callable:
         def handler(data: Any = None) -> None:
             try:
                 fn(data)
             except SwitchboardError as exc:
                 payload = exc.to_dict()
-                if isinstance(data, dict) and isinstance(data.get("chat_id"), str):
-                    payload["chat_id"] = data["chat_id"]
+                for key in echo:
+                    if isinstance(data, dict) and isinstance(data.get(key), str):
+                        payload[key] = data[key]
                 log.warning("event=socket_error on=%s code=%s message=%s", event, exc.code, exc.message)
                 socketio.emit("error", payload, to=request.sid)
         handler.__name__ = f"on_{event}"
