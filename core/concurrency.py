@@ -20,6 +20,18 @@ def _eventlet_patched() -> bool:
     return bool(patcher and patcher.is_monkey_patched("thread"))
 
 
+def _on_green_side() -> bool:
+    """True in a green thread of eventlet's hub (which runs in the main OS thread).
+
+    Only there may we wait through the hub; a real OS thread (ours, tpool's, a library's) must block
+    plainly: handing it to tpool or the hub from another thread can hang both.
+    """
+    if not _eventlet_patched():
+        return False
+    threading = _original("threading")
+    return threading.current_thread() is threading.main_thread()
+
+
 def _original(name: str) -> Any:
     if _eventlet_patched():
         return sys.modules["eventlet.patcher"].original(name)
@@ -61,7 +73,7 @@ def poll_get(q: Any, timeout: float | None = None) -> Any:
     except empty:
         pass
     try:
-        if not _eventlet_patched():
+        if not _on_green_side():
             return q.get(timeout=timeout)
         tpool = importlib.import_module("eventlet.tpool")
         return tpool.execute(q.get, True, timeout)
@@ -133,7 +145,7 @@ class WakeQueue:
         items = drain(self._queue)
         if items:
             return items
-        if self._pipe is None:
+        if self._pipe is None or not _on_green_side():
             try:
                 return [self._queue.get(timeout=timeout)] + drain(self._queue)
             except self._empty:
