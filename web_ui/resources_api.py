@@ -28,7 +28,7 @@ def _engine_arg() -> str:
 
 @bp.get("/api/resources")
 def status():
-    return jsonify(run_blocking(services().resources.status))
+    return jsonify(services().resources.status())
 
 
 @bp.post("/api/resources/unload")
@@ -63,7 +63,7 @@ def enable_status_broadcast(app: Flask) -> None:
         socketio.sleep(0.1)
         state["pending"] = False
         try:
-            payload = run_blocking(manager.status)
+            payload = manager.status()
         except Exception:
             log.exception("event=resource_status_failed")
             return

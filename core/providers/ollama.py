@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
+from core.concurrency import os_lock
 from core.errors import (
     AuthFailed,
     ModelNotFound,
@@ -91,7 +92,7 @@ class OllamaProvider(Provider):
         self.settings = settings
         self.host = str(settings.ollama_host).rstrip("/")
         self._local = threading.local()
-        self._lock = threading.Lock()
+        self._lock = os_lock()  # used from OS threads (streams, discovery): a green lock would break
         self._cache: tuple[float, ProviderGroup] | None = None
 
     # -- plumbing -----------------------------------------------------------------------------

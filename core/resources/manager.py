@@ -1,7 +1,9 @@
 """The resource manager: the one owner of what is loaded, who is using it, and what gets unloaded.
 
 Like Ollama's scheduler, routes never touch engines: they ask the manager. Invariants:
-- `_cond` protects every Slot's `leases` and `unload_pending`.
+- `_cond` protects every Slot's `leases` and `unload_pending`. It and `_switch` are the app's own
+  (green under eventlet) primitives: every method is called from the app's side, and all blocking
+  work (loads, unloads, Ollama requests) goes to OS threads through run_blocking.
 - `_switch` serializes loads, unloads and switches, so two users switching at once cannot interleave.
 - An engine with leases is never unloaded: the unload waits (and says so in the status) until the
   leases end; a request for an engine that is being unloaded waits, then loads it again.
@@ -274,7 +276,11 @@ class ResourceManager:
 
     # -- visibility ------------------------------------------------------------------------------
     def status(self, include_ollama: bool = True) -> dict[str, Any]:
-        """Everything /api/resources and the `resource_status` event report."""
+        """Everything /api/resources and the `resource_status` event report.
+
+        Call it from the app's side (a green thread), never through run_blocking: `_cond` is the
+        app's own kind of lock; the Ollama query inside goes to an OS thread by itself.
+        """
         with self._cond:
             slots = list(self.slots.values())
             engines = [{
@@ -289,7 +295,7 @@ class ResourceManager:
             "policy": self.policy, "budget_bytes": self.budget_bytes, "ttl_s": self.ttl_s,
             "engines": engines, "current": self.last_switch["to"] if self.last_switch else None,
             "last_switch": self.last_switch,
-            "ollama": {"loaded": self.ollama.loaded_models() if (self.ollama and include_ollama) else [],
+            "ollama": {"loaded": run_blocking(self.ollama.loaded_models) if (self.ollama and include_ollama) else [],
                        "leases": ollama_leases},
             "devices": memory.device_totals(),
         }
