@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from core.concurrency import use_real_locks_for_logging
+
+    use_real_locks_for_logging()
     for noisy in ("werkzeug", "engineio.server", "socketio.server", "httpx", "httpx2", "urllib3",
                   "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -60,6 +60,18 @@ def os_lock() -> Any:
     return _original("threading").Lock()
 
 
+def use_real_locks_for_logging() -> None:
+    """Give every root log handler a real lock.
+
+    Handlers made after monkey patching get a green RLock; a log line written from an OS thread
+    while a green thread holds it ends in "cannot switch to a different thread" inside the hub.
+    """
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        handler.lock = _original("threading").RLock()
+
+
 def poll_get(q: Any, timeout: float | None = None) -> Any:
     """Take the next item from an `os_queue` without blocking an eventlet hub.
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 NO_API_KEY = "NO_API_KEY"
 PLACEHOLDER_KEY = "no-key"       # sent when a server needs no key (the SDK insists on one)
 DISCOVERY_READ_TIMEOUT = 15.0    # seconds for GET /models once connected
+MAX_IDLE_CLIENTS = 4
 WATCH_INTERVAL = 0.1             # how often the stream watchdog looks at the clock and the stop flag
 
 
@@ -149,9 +150,11 @@ class OpenAICompatProvider(Provider):
         self.key = conn.key
         self.display_name = conn.name
         self._cache: tuple[float, str, ProviderGroup] | None = None   # (time, key digest, group)
-        # One SDK client per key, reused: building one costs ~20 ms, and its pool keeps the
-        # connection warm, which is most of the relay's time to first token.
-        self._stream_client: tuple[str, openai.OpenAI] | None = None
+        # Idle SDK clients, reused: building one costs ~20 ms, and its pool keeps the connection
+        # warm, which is most of the relay's time to first token. A stream takes a client for
+        # itself: httpx's locks are the app's (green under eventlet) and must never be contended
+        # between OS threads.
+        self._idle_clients: list[tuple[str, openai.OpenAI]] = []
         self._client_lock = os_lock()
 
     # -- credentials -----------------------------------------------------------------------------
@@ -171,16 +174,26 @@ class OpenAICompatProvider(Provider):
     def _client(self, key: str, timeout: openai.Timeout) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.conn.base_url, api_key=key, timeout=timeout, max_retries=0)
 
-    def _shared_client(self, key: str) -> openai.OpenAI:
-        """The reusable streaming client for `key` (rebuilt when the key in the environment changes)."""
-        read = max(self.settings.first_token_timeout, self.settings.idle_timeout)
+    def _take_client(self, key: str) -> openai.OpenAI:
+        """An idle streaming client for `key`, or a new one (clients for an old key are closed)."""
         with self._client_lock:
-            if self._stream_client is None or self._stream_client[0] != key:
-                if self._stream_client is not None:
-                    self._stream_client[1].close()
-                client = self._client(key, openai.Timeout(read, connect=self.settings.connect_timeout))
-                self._stream_client = (key, client)
-            return self._stream_client[1]
+            stale = [c for k, c in self._idle_clients if k != key]
+            matching = [c for k, c in self._idle_clients if k == key]
+            client = matching.pop() if matching else None
+            self._idle_clients = [(key, c) for c in matching]
+        for old in stale:
+            old.close()
+        if client is None:
+            read = max(self.settings.first_token_timeout, self.settings.idle_timeout)
+            client = self._client(key, openai.Timeout(read, connect=self.settings.connect_timeout))
+        return client
+
+    def _return_client(self, key: str, client: openai.OpenAI) -> None:
+        with self._client_lock:
+            if len(self._idle_clients) < MAX_IDLE_CLIENTS:
+                self._idle_clients.append((key, client))
+                return
+        client.close()
 
     @property
     def url(self) -> str:
@@ -277,7 +290,7 @@ class OpenAICompatProvider(Provider):
         if options.stop:
             params["stop"] = list(options.stop)
         # Once the body flows the read timeout is only a backstop: the watchdog enforces the limits.
-        client = self._shared_client(key)
+        client = self._take_client(key)
         started, chunks, finish, usage = time.monotonic(), 0, None, None
         watch: _Watchdog | None = None
         stream: Any = None
@@ -321,6 +334,7 @@ class OpenAICompatProvider(Provider):
                 watch.stop()
             if stream is not None:
                 stream.close()   # closes the HTTP response, so the server sees the disconnect
+            self._return_client(key, client)
         if cancel.is_set():
             result.finish_reason = "cancelled"
             log.info("event=openai_stream_cancelled connection=%s model=%s chunks=%d", self.key,

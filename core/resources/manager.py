@@ -136,6 +136,8 @@ class ResourceManager:
         if self.ollama is None:
             return []
         loaded = [m["name"] for m in run_blocking(self.ollama.loaded_models)]
+        with self._cond:  # a stream that just started may not be in /api/ps yet: it counts too
+            loaded += [n for n, count in self.ollama_leases.items() if count > 0 and n not in loaded]
         for name in loaded:
             with self._cond:
                 while self.ollama_leases.get(name, 0) > 0:
