@@ -8,6 +8,15 @@ import eventlet  # noqa: E402  isort:skip
 
 eventlet.monkey_patch()  # before any other import, so sockets and threads in every library are green
 
+import os  # noqa: E402
+
+# Libraries that start their own helper threads from the OS thread that loads a model (transformers'
+# loading thread pool, tqdm's monitor thread behind its progress bars) get green threads and locks
+# under monkey patching, which end in "cannot switch to a different thread" inside the hub. Load
+# sequentially (no measurable cost for the models we run) and log progress as lines instead of bars.
+os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402

@@ -61,15 +61,21 @@ def os_lock() -> Any:
 
 
 def use_real_locks_for_logging() -> None:
-    """Give every root log handler a real lock.
+    """Give the logging module and every log handler real locks.
 
-    Handlers made after monkey patching get a green RLock; a log line written from an OS thread
-    while a green thread holds it ends in "cannot switch to a different thread" inside the hub.
+    After monkey patching, `logging._lock` and handler locks are green; engines and providers log
+    from OS threads, and a green lock contended across threads ends in "cannot switch to a
+    different thread" inside the hub. A real lock is held for microseconds per line.
     """
     import logging
 
-    for handler in logging.getLogger().handlers:
-        handler.lock = _original("threading").RLock()
+    real_rlock = _original("threading").RLock
+    logging._lock = real_rlock()  # type: ignore[attr-defined]  (guards the logger registry)
+    loggers = [logging.getLogger()] + [l for l in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(l, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            handler.lock = real_rlock()
 
 
 def poll_get(q: Any, timeout: float | None = None) -> Any:

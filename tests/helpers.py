@@ -71,6 +71,9 @@ class ServerProcess:
                 self.proc.wait(5)
         if getattr(self, "_log", None):
             self._log.close()
+        # A green lock or thread crossing OS threads shows up only here, as a traceback from the hub.
+        if "greenlet.error" in self.log():
+            raise AssertionError(f"the server's hub hit a greenlet error; see {self.log_path}")
 
     def get(self, path: str, **kw: Any) -> requests.Response:
         return requests.get(self.url + path, timeout=kw.pop("timeout", 10), **kw)
