@@ -16,6 +16,9 @@ import os  # noqa: E402
 # sequentially (no measurable cost for the models we run) and log progress as lines instead of bars.
 os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+import tqdm  # noqa: E402  (bars that remain, e.g. GGUF conversion, must not start a monitor thread)
+
+tqdm.tqdm.monitor_interval = 0
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
