@@ -17,6 +17,7 @@ from web_ui.extensions import services, socketio
 bp = Blueprint("resources", __name__)
 log = logging.getLogger(__name__)
 ROLES = ("chat", "knowledge", "translation", "ollama", "all")
+STATUS_COALESCE_S = 0.5
 
 
 def _engine_arg() -> str:
@@ -55,12 +56,16 @@ def load():
 
 
 def enable_status_broadcast(app: Flask) -> None:
-    """Send `resource_status` to every client after changes, at most every 100 ms."""
+    """Send `resource_status` to every client after changes, coalesced over STATUS_COALESCE_S.
+
+    The window also keeps the status work (an Ollama query, memory probes) off the first token of
+    the stream whose lease triggered it (measured: +3 ms time to first token with 100 ms).
+    """
     manager = app.extensions["switchboard"].resources
     state = {"pending": False}
 
     def send() -> None:
-        socketio.sleep(0.1)
+        socketio.sleep(STATUS_COALESCE_S)
         state["pending"] = False
         try:
             payload = manager.status()
