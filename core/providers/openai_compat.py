@@ -10,18 +10,18 @@ import email.utils
 import hashlib
 import logging
 import os
-import socket
 import time
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from core.concurrency import os_lock, os_event, start_os_thread
+from core.concurrency import os_lock
 from core.config import ConnectionConfig, Settings
 from core.errors import (AuthFailed, ModelNotFound, ModelUnavailable, ProviderError, ProviderTimeout,
                          ProviderUnreachable, RateLimited, StreamInterrupted, SwitchboardError)
 from core.providers.base import CancelToken, Provider, ProviderGroup
+from core.providers.watchdog import StreamWatchdog
 from core.reasoning import Reasoning
 from core.types import ChatOptions, Message, ModelInfo, StreamResult, Usage
 
@@ -31,7 +31,6 @@ NO_API_KEY = "NO_API_KEY"
 PLACEHOLDER_KEY = "no-key"       # sent when a server needs no key (the SDK insists on one)
 DISCOVERY_READ_TIMEOUT = 15.0    # seconds for GET /models once connected
 MAX_IDLE_CLIENTS = 4
-WATCH_INTERVAL = 0.1             # how often the stream watchdog looks at the clock and the stop flag
 
 
 def display_url(url: str) -> str:
@@ -81,54 +80,6 @@ def _status_detail(exc: openai.APIStatusError) -> str:
     elif isinstance(body, str):
         text = body
     return str(text or "").strip().replace("\n", " ")[:300]
-
-
-class _Watchdog:
-    """Cuts a stream's socket when stop is pressed or a token is overdue.
-
-    A read blocked in the socket sees neither the stop flag nor our two limits, so a real OS thread
-    watches them and shuts the socket down; the blocked read then fails and `tripped` says why.
-    """
-
-    def __init__(self, cancel: CancelToken, response: Any, started: float, first_token_s: float,
-                 idle_s: float) -> None:
-        self.cancel = cancel
-        self.first_token_s = first_token_s
-        self.idle_s = idle_s
-        self.started, self.last = started, time.monotonic()
-        self.got_token = False
-        self.tripped: str | None = None       # "cancelled" | "first_token" | "idle"
-        self._done = os_event()
-        stream = getattr(response, "extensions", {}).get("network_stream")
-        self._sock = stream.get_extra_info("socket") if stream is not None else None
-        start_os_thread(self._run, name="openai-watchdog")
-
-    def progress(self, token: bool) -> None:
-        self.last = time.monotonic()
-        self.got_token = self.got_token or token
-
-    def stop(self) -> None:
-        self._done.set()
-
-    def _run(self) -> None:
-        while not self._done.wait(WATCH_INTERVAL):
-            now = time.monotonic()
-            if self.cancel.is_set():
-                self._trip("cancelled")
-            elif not self.got_token and now - self.started > self.first_token_s:
-                self._trip("first_token")
-            elif self.got_token and now - self.last > self.idle_s:
-                self._trip("idle")
-            if self.tripped:
-                return
-
-    def _trip(self, why: str) -> None:
-        self.tripped = why
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class OpenAICompatProvider(Provider):
@@ -292,7 +243,7 @@ class OpenAICompatProvider(Provider):
         # Once the body flows the read timeout is only a backstop: the watchdog enforces the limits.
         client = self._take_client(key)
         started, chunks, finish, usage = time.monotonic(), 0, None, None
-        watch: _Watchdog | None = None
+        watch: StreamWatchdog | None = None
         stream: Any = None
         try:
             if cancel.is_set():
@@ -302,7 +253,7 @@ class OpenAICompatProvider(Provider):
                 stream = self._open(client, params)
             except openai.OpenAIError as exc:
                 raise self._error(exc, model, key, streaming=False) from None
-            watch = _Watchdog(cancel, stream.response, started, self.settings.first_token_timeout,
+            watch = StreamWatchdog(cancel, stream.response, started, self.settings.first_token_timeout,
                               self.settings.idle_timeout)
             try:
                 for chunk in stream:
