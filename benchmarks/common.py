@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import statistics
+from typing import Callable
+
+Measure = Callable[[], tuple[float, float]]   # one generation -> (ttft_s, tokens_per_s)
 
 
 def report(rows: list[tuple[float, float, float, float]], reference: str, measured: str, setting: str) -> None:
@@ -21,3 +24,12 @@ def print_round(i: int, rows: list[tuple[float, float, float, float]], reference
     r = rows[-1]
     print(f"round {i + 1}: {reference} {r[1]:6.2f} tok/s ttft {r[0] * 1000:6.1f} ms | "
           f"{measured} {r[3]:6.2f} tok/s ttft {r[2] * 1000:6.1f} ms")
+
+
+def alternate(rounds: int, reference: Measure, measured: Measure, labels: tuple[str, str]) -> list[tuple]:
+    """Run `reference` then `measured` `rounds` times (alternating, so drift hits both), printing each."""
+    rows: list[tuple[float, float, float, float]] = []
+    for i in range(rounds):
+        rows.append((*reference(), *measured()))
+        print_round(i, rows, *labels)
+    return rows

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from openai import OpenAI  # noqa: E402
 
-from benchmarks.common import print_round, report  # noqa: E402
+from benchmarks.common import alternate, report  # noqa: E402
 from tests.helpers import EventClient, ServerProcess  # noqa: E402
 from tests.peers.llama_server import LlamaServer, ensure_llama_cpp_installed  # noqa: E402
 
@@ -67,12 +67,8 @@ def main() -> None:
             sio = EventClient(server.url)
             direct(sdk, 8)
             relayed(sio, 8)  # warm-up both paths
-            rows = []
-            for i in range(args.rounds):
-                d = direct(sdk, args.tokens)
-                r = relayed(sio, args.tokens)
-                rows.append((*d, *r))
-                print_round(i, rows, "direct", "relayed")
+            rows = alternate(args.rounds, lambda: direct(sdk, args.tokens), lambda: relayed(sio, args.tokens),
+                             ("direct", "relayed"))
             sio.close()
     report(rows, "direct (openai SDK)", "through Switchboard",
            f"{args.tokens} tokens, greedy, SmolLM2 Q4_1 on llama.cpp")

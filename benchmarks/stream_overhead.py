@@ -23,7 +23,7 @@ from core.models.bundled import ensure_bundled_model  # noqa: E402
 from core.models.cache import ModelCache  # noqa: E402
 from core.models.catalog import BUNDLED_REPO  # noqa: E402
 from core.types import ChatOptions, Message, StreamResult  # noqa: E402
-from benchmarks.common import print_round, report  # noqa: E402
+from benchmarks.common import alternate, report  # noqa: E402
 from tests.helpers import BUNDLED_ID, EventClient, ServerProcess  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -68,12 +68,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data, ServerProcess(Path(data), args.model_dir) as server:
         client = EventClient(server.url)
         through_server(client, 8)  # warm-up: loads the model in the server
-        rows = []
-        for i in range(args.rounds):
-            d_ttft, d_tps = direct(engine, args.tokens)
-            s_ttft, s_tps = through_server(client, args.tokens)
-            rows.append((d_ttft, d_tps, s_ttft, s_tps))
-            print_round(i, rows, "direct", "Socket.IO")
+        rows = alternate(args.rounds, lambda: direct(engine, args.tokens),
+                         lambda: through_server(client, args.tokens), ("direct", "Socket.IO"))
         client.close()
     report(rows, "direct engine", "through Socket.IO",
            f"{args.tokens} tokens, greedy, bundled SmolLM2 on {engine.device}/{engine.dtype}")
