@@ -68,6 +68,10 @@ class KnowledgeAugmenter(Protocol):
     def augment(self, messages: list[Message], query: str, collection: str | None,
                 model: ModelInfo) -> tuple[list[Message], list[dict]]: ...
 
+    def lease(self, reason: str) -> ContextManager[Any]:
+        """Hold the embedding engine (through the resource manager) while searching."""
+        ...
+
 
 def _field(payload: dict, name: str, kind: type, required: bool = True) -> Any:
     value = payload.get(name)
@@ -216,8 +220,7 @@ class ChatService:
             messages = list(job.messages or [])
         if job.knowledge and self.knowledge is not None:
             collection = job.knowledge if isinstance(job.knowledge, str) else None
-            lease = getattr(self.knowledge, "lease", None)
-            with lease(f"chat:{job.chat_id[:8]}") if lease else nullcontext():
+            with self.knowledge.lease(f"chat:{job.chat_id[:8]}"):
                 messages, sources = run_blocking(self.knowledge.augment, messages, job.query, collection, job.model)
             sink.emit("citations", {"chat_id": job.chat_id, "message_id": job.message_id, "sources": sources})
         return job.provider.fit_context(job.model, messages, job.options.max_new_tokens)
