@@ -117,7 +117,7 @@ class Downloads:
             raise Busy(f"{repo} is being downloaded or converted; cancel the download or wait for it to end")
         if not path.exists():
             raise NotFound(f"{repo} is not in the cache ({path})")
-        slots = [s for s in list(resources.slots.values()) if getattr(s.engine, "model_id", None) == repo]
+        slots = resources.slots_of(repo)
         if any(s.leases > 0 or s.unload_pending or s.engine.state == LOADING for s in slots):
             raise Busy(f"{repo} is loading or answering a request; delete it when that is done")
         unloaded = []
@@ -145,7 +145,7 @@ class Downloads:
         for repo in [*cache.list_cached(), *sorted(downloading), *errors]:
             if repo not in repos:
                 repos.append(repo)
-        loaded = {getattr(s.engine, "model_id", None) for s in list(self.svc.resources.slots.values())
+        loaded = {getattr(s.engine, "model_id", None) for s in self.svc.resources.slots_of()
                   if s.engine.is_loaded()}
         rows = []
         for repo in repos:

@@ -77,6 +77,12 @@ class ResourceManager:
             slot.roles.add(role)
             return slot
 
+    def slots_of(self, model_id: str | None = None) -> list[Slot]:
+        """The tracked slots (of one model's files, when given), read under the lock."""
+        with self._cond:
+            return [s for s in self.slots.values()
+                    if model_id is None or getattr(s.engine, "model_id", None) == model_id]
+
     def forget(self, engine: Engine) -> None:
         """Stop tracking an engine whose files are gone (it must be unloaded)."""
         with self._cond:
