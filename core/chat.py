@@ -18,7 +18,7 @@ from core.admission import Admission
 from core.concurrency import WakeQueue, os_event, run_blocking, start_os_thread
 from core.config import Settings
 from core.errors import BadRequest, Busy, EmptyContent, NotFound, SwitchboardError, TooLong
-from core.providers.base import Provider
+from core.providers.base import Provider, resolve_engine
 from core.router import Router
 from core.reasoning import Reasoning, ThinkSplitter
 from core.resources.manager import ResourceManager
@@ -230,7 +230,7 @@ class ChatService:
         if self.resources is None:
             return nullcontext()
         reason = f"chat:{job.chat_id[:8]}"
-        engine = run_blocking(job.provider.engine_for, job.model)
+        engine = resolve_engine(job.provider, job.model)
         if engine is not None:
             return self.resources.use_engine(engine, "chat", reason, target=job.model.id)
         return self.resources.use_external(job.provider.kind, job.model.native_name, reason, target=job.model.id)

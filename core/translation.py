@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from core.admission import Admission
-from core.concurrency import os_event, os_lock, os_queue, poll_get, run_blocking, start_os_thread
+from core.concurrency import os_event, os_lock, os_queue, poll_get, start_os_thread
 from core.config import Settings
 from core.engines.base import Engine
 from core.engines.translation import Seq2SeqTranslationEngine, translation_messages
 from core.errors import BadRequest, EmptyContent, NotFound, SwitchboardError, TooLong
+from core.providers.base import resolve_engine
 from core.router import Router
 from core.storage import new_id
 from core.types import ChatOptions, ModelInfo, StreamResult
@@ -209,7 +210,7 @@ class TranslationService:
         def claim() -> Any:
             if self.resources is None:
                 return nullcontext()
-            engine = run_blocking(provider.engine_for, model)
+            engine = resolve_engine(provider, model)
             if engine is None:
                 return self.resources.use_external(provider.kind, model.native_name, f"translate:{request_id[:8]}")
             self.resources.track(engine, "translation")  # the chat engine's slot gains the translation role

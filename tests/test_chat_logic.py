@@ -38,3 +38,41 @@ def test_fit_context_drops_oldest_turns_by_real_token_count(model_dir):
     assert provider.count_tokens(small, history) > 120 - 40
     # Real tokenizer counts, not a character estimate.
     assert provider.count_tokens(small, [Message("user", "hi")]) == engine.count_tokens([Message("user", "hi")])
+
+
+class CountingCache(ModelCache):
+    """A real cache that counts its disk checks."""
+
+    status_calls = 0
+
+    def status(self, repo_id):
+        CountingCache.status_calls += 1
+        return super().status(repo_id)
+
+
+def test_a_loaded_model_is_served_without_disk_checks_and_its_use_is_recorded(model_dir):
+    import time
+
+    from core.concurrency import os_event
+    from core.providers.base import resolve_engine
+    from core.types import StreamResult
+
+    cache = CountingCache(model_dir)
+    provider = LocalProvider(cache)
+    info = provider.list_models().models[0]
+    assert provider.ready_engine(info) is None, "nothing is loaded yet"
+    engine = resolve_engine(provider, info)   # not loaded: resolved (and the files checked) in an OS thread
+    assert CountingCache.status_calls > 0
+    engine.load()
+    assert provider.ready_engine(info) is engine
+    CountingCache.status_calls = 0
+    started = time.time()
+    assert resolve_engine(provider, info) is engine and provider.engine_for(info) is engine
+    pieces: list[str] = []
+    provider.push_chat(info, [Message("user", "Say hi.")], ChatOptions(4, 0.0, 1.0), os_event(), StreamResult(),
+                       pieces.append)
+    assert pieces, "the model answered"
+    assert CountingCache.status_calls == 0, "a loaded model needs no manifest read or stat per request"
+    assert cache.last_used(info.native_name) >= int(started), "the answer is recorded as the model's last use"
+    engine.unload()
+    assert provider.ready_engine(info) is None

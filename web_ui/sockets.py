@@ -6,8 +6,8 @@ from typing import Any, Callable
 
 from flask import current_app, request
 
-from core.concurrency import run_blocking
 from core.errors import BadRequest, SwitchboardError
+from core.providers.base import resolve_engine
 from web_ui.extensions import services, socketio
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def on_select_model(data: Any) -> None:
     def prepare() -> None:
         # Free and load now, so the first message to this model does not wait for the switch.
         try:
-            engine = run_blocking(provider.engine_for, model)
+            engine = resolve_engine(provider, model)
             svc.resources.prepare(engine, provider.kind, model.native_name, reason="select_model", target=model.id)
         except SwitchboardError as exc:
             socketio.emit("error", exc.to_dict(), to=sid)

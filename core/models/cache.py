@@ -136,7 +136,7 @@ class ModelCache:
         return CacheStatus(repo_id, path, READY)
 
     def touch_last_used(self, repo_id: str) -> None:
-        """Remember when a model was last loaded (shown by `models list`)."""
+        """Remember when a model was last used to answer (shown by `models list`)."""
         marker = self.path_for(repo_id) / LAST_USED
         try:
             marker.write_text(str(time.time()), encoding="utf-8")
@@ -155,7 +155,7 @@ class ModelCache:
         return found
 
     def last_used(self, repo_id: str) -> float | None:
-        """Unix time of the last load, from the .last_used marker, or None."""
+        """Unix time the model last answered, from the .last_used marker, or None."""
         try:
             return float((self.path_for(repo_id) / LAST_USED).read_text(encoding="utf-8").strip())
         except (OSError, ValueError):

@@ -5,6 +5,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
+from core.concurrency import run_blocking
 from core.types import ChatOptions, Message, ModelInfo, StreamResult
 
 # Rough characters-per-token ratio used when a backend offers no tokenizer.
@@ -56,6 +57,8 @@ class Provider(ABC):
     display_name: str = ""
     #: How many streams one model of this provider serves at once (None: no limit here).
     max_concurrency: int | None = None
+    #: Its models run inside this server as engines (which the resource manager loads and unloads).
+    in_process: bool = False
 
     @abstractmethod
     def list_models(self, refresh: bool = False) -> ProviderGroup:
@@ -81,6 +84,10 @@ class Provider(ABC):
 
     def engine_for(self, model: ModelInfo) -> Any | None:
         """The in-process engine that serves `model` (blocking: may prepare files), or None if external."""
+        return None
+
+    def ready_engine(self, model: ModelInfo) -> Any | None:
+        """The engine of `model` if it is loaded now, found without blocking (no disk, no lock waits)."""
         return None
 
     def loaded_models(self) -> list[dict]:
@@ -110,3 +117,12 @@ class Provider(ABC):
             while len(turns) > 1 and turns[0].role == "assistant":
                 turns.pop(0)
         return system + turns
+
+
+def resolve_engine(provider: Provider, model: ModelInfo) -> Any | None:
+    """`provider.engine_for(model)` for callers on the event loop: a loaded engine straight away, else
+    resolved in an OS thread (it may convert or check files). Every local chat starts here, so the
+    common case (the model is loaded) costs no thread hop."""
+    if not provider.in_process:
+        return None
+    return provider.ready_engine(model) or run_blocking(provider.engine_for, model)

@@ -28,6 +28,7 @@ class LocalProvider(Provider):
     key = kind = "local"
     display_name = "Local"
     max_concurrency = 1
+    in_process = True
 
     def __init__(self, cache: ModelCache, device: str = "auto", park_in_ram: bool = False) -> None:
         self.cache = cache
@@ -97,8 +98,19 @@ class LocalProvider(Provider):
             finally:
                 self.preparing = False
 
+    def ready_engine(self, model: ModelInfo) -> TransformersChatEngine | None:
+        engine = self.engines.get(model.native_name)
+        return engine if engine is not None and engine.is_loaded() else None
+
     def engine_for(self, model: ModelInfo) -> TransformersChatEngine:
-        """The engine of a ready model (converting the bundled one first if needed)."""
+        """The engine of a ready model (converting the bundled one first if needed).
+
+        A loaded engine is returned as is: its weights are in memory, so the cache checks (a manifest
+        read and a stat per file) would only add time to every request.
+        """
+        loaded = self.ready_engine(model)
+        if loaded is not None:
+            return loaded
         repo = model.native_name
         entry = next((e for e in CATALOG if e.repo_id == repo), None)
         if entry is not None and entry.bundled:
@@ -116,16 +128,20 @@ class LocalProvider(Provider):
     def stream_chat(self, model: ModelInfo, messages: list[Message], options: ChatOptions,
                     cancel: CancelToken, result: StreamResult) -> Iterator[str]:
         engine = self.engine_for(model)
-        self.cache.touch_last_used(model.native_name)
         # Placement (what else to unload first) is the resource manager's job; generate() loads
         # lazily only when a provider is used without one (tools, unit tests).
-        yield from engine.generate(messages, options, cancel, result)
+        try:
+            yield from engine.generate(messages, options, cancel, result)
+        finally:
+            self.cache.touch_last_used(model.native_name)
 
     def push_chat(self, model: ModelInfo, messages: list[Message], options: ChatOptions, cancel: CancelToken,
                   result: StreamResult, emit: Callable[[Any], None]) -> None:
         engine = self.engine_for(model)
-        self.cache.touch_last_used(model.native_name)
-        engine.generate_to(messages, options, cancel, result, emit)
+        try:
+            engine.generate_to(messages, options, cancel, result, emit)
+        finally:  # after the answer, not before it: a file write would add to the time to first token
+            self.cache.touch_last_used(model.native_name)
 
     def count_tokens(self, model: ModelInfo, messages: list[Message]) -> int:
         engine = self.engines.get(model.native_name)
