@@ -5,6 +5,7 @@ import ctypes
 import gc
 import logging
 import sys
+import weakref
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,20 @@ def release_memory(device: str) -> None:
             pass
 
 
+# Sizes of loaded modules, computed once: walking every parameter takes ~10 ms of the event loop's
+# CPU, and the resource status asks for it while a model is generating.
+_module_sizes: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+
+
 def module_bytes(model: Any | None) -> int:
     """Bytes held by a torch module's parameters and buffers (0 for None)."""
     if model is None:
         return 0
-    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers())
+    size = _module_sizes.get(model)
+    if size is None:
+        size = _module_sizes[model] = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+            b.numel() * b.element_size() for b in model.buffers())
+    return size
 
 
 class CancelCriteria:
