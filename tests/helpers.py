@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import engineio
 import requests
 import socketio
 
@@ -88,11 +89,31 @@ class ServerProcess:
 EVENTS = ("chat_started", "delta", "done", "error", "queued", "models", "model_selected", "reset_ok")
 
 
+class _InOrderEngineIOClient(engineio.Client):
+    """An engine.io client that hands each message to Socket.IO in its receive thread.
+
+    The stock sync client starts an OS thread per received message (`_trigger_event(..., run_async=True)`
+    in engineio/client.py), so events can be recorded out of order, and on a 2-core machine those
+    thread starts compete with the model generating in the server under test (about 2 % of its
+    tokens/s in benchmarks/stream_overhead.py). Our handlers only record, so running them inline is safe.
+    """
+
+    def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
+        if event == "message":
+            kwargs["run_async"] = False
+        return super()._trigger_event(event, *args, **kwargs)
+
+
+class _InOrderClient(socketio.Client):
+    def _engineio_client_class(self) -> type:
+        return _InOrderEngineIOClient
+
+
 class EventClient:
-    """A python-socketio client that records every protocol event with its arrival time."""
+    """A python-socketio client that records every protocol event, in arrival order, with its time."""
 
     def __init__(self, url: str, events: tuple[str, ...] = EVENTS, **connect_kw: Any) -> None:
-        self.sio = socketio.Client(reconnection=False)
+        self.sio = _InOrderClient(reconnection=False)
         self.events: list[tuple[float, str, Any]] = []
         self.cond = threading.Condition()
         for name in events:
