@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from openai import OpenAI  # noqa: E402
 
-from benchmarks.common import alternate, report  # noqa: E402
+from benchmarks.common import alternate, rate, report  # noqa: E402
 from tests.helpers import EventClient, ServerProcess  # noqa: E402
 from tests.peers.llama_server import LlamaServer, ensure_llama_cpp_installed  # noqa: E402
 
@@ -36,7 +36,7 @@ def direct(client: OpenAI, tokens: int) -> tuple[float, float]:
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
-    return stamps[0] - sent, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return stamps[0] - sent, rate(len(stamps), stamps[0], stamps[-1])
 
 
 def relayed(client: EventClient, tokens: int) -> tuple[float, float]:
@@ -49,13 +49,14 @@ def relayed(client: EventClient, tokens: int) -> tuple[float, float]:
     if name != "done":
         raise RuntimeError(end)
     stamps = [t for t, n, _ in client.events[start:] if n == "delta"]
-    return stamps[0] - sent, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return stamps[0] - sent, rate(len(stamps), stamps[0], stamps[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--probes", type=int, default=30, help="short request pairs for the TTFT figure")
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     args = parser.parse_args()
     ensure_llama_cpp_installed()
@@ -69,9 +70,11 @@ def main() -> None:
             relayed(sio, 8)  # warm-up both paths
             rows = alternate(args.rounds, lambda: direct(sdk, args.tokens), lambda: relayed(sio, args.tokens),
                              ("direct", "relayed"))
+            probes = alternate(args.probes, lambda: direct(sdk, 8), lambda: relayed(sio, 8), ("direct", "relayed"),
+                               quiet=True)
             sio.close()
     report(rows, "direct (openai SDK)", "through Switchboard",
-           f"{args.tokens} tokens, greedy, SmolLM2 Q4_1 on llama.cpp")
+           f"{args.tokens} tokens ({args.probes} probes of 8), greedy, SmolLM2 Q4_1 on llama.cpp", probes)
 
 
 if __name__ == "__main__":

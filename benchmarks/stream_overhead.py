@@ -3,9 +3,10 @@
 Runs (a) the bundled model straight from TransformersChatEngine and (b) the same prompt through a
 running `python run.py` with a python-socketio client, alternating, several rounds, in one run
 (machines here are noisy, so only same-run ratios mean anything). Prints tokens/s of each, their
-ratio (goal >= 0.98) and the added time to first token (goal < 5 ms).
+ratio (goal >= 0.98) and the added time to first token (goal < 5 ms), which short alternating
+"probe" requests (same prompt, few tokens) pin down better than the long rounds alone.
 
-    .venv/bin/python benchmarks/stream_overhead.py [--rounds 5] [--tokens 128]
+    .venv/bin/python benchmarks/stream_overhead.py [--rounds 5] [--tokens 128] [--probes 30]
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from core.models.bundled import ensure_bundled_model  # noqa: E402
 from core.models.cache import ModelCache  # noqa: E402
 from core.models.catalog import BUNDLED_REPO  # noqa: E402
 from core.types import ChatOptions, Message, StreamResult  # noqa: E402
-from benchmarks.common import alternate, report  # noqa: E402
+from benchmarks.common import alternate, rate, report  # noqa: E402
 from tests.helpers import BUNDLED_ID, EventClient, ServerProcess  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -37,7 +38,7 @@ def direct(engine: TransformersChatEngine, tokens: int) -> tuple[float, float]:
     started = time.perf_counter()
     engine.generate_to([Message("user", PROMPT)], ChatOptions(tokens, 0.0, 1.0), os_event(), result,
                        lambda text: stamps.append(time.perf_counter()))
-    return stamps[0] - started, (result.usage.completion_tokens - 1) / (stamps[-1] - stamps[0])
+    return stamps[0] - started, rate(result.usage.completion_tokens, stamps[0], stamps[-1])
 
 
 def through_server(client: EventClient, tokens: int) -> tuple[float, float]:
@@ -51,13 +52,15 @@ def through_server(client: EventClient, tokens: int) -> tuple[float, float]:
     arrivals = [t for t, n, _ in client.events[start:] if n == "delta"]
     # EventClient stamps with monotonic(); convert the send time onto the same clock.
     sent_mono = time.monotonic() - (time.perf_counter() - sent)
-    return arrivals[0] - sent_mono, (done["usage"]["completion_tokens"] - 1) / (arrivals[-1] - arrivals[0])
+    return arrivals[0] - sent_mono, rate(done["usage"]["completion_tokens"], arrivals[0], arrivals[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--probes", type=int, default=30, help="short request pairs for the TTFT figure")
+    parser.add_argument("--probe-tokens", type=int, default=8)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     args = parser.parse_args()
     cache = ModelCache(args.model_dir)
@@ -70,9 +73,12 @@ def main() -> None:
         through_server(client, 8)  # warm-up: loads the model in the server
         rows = alternate(args.rounds, lambda: direct(engine, args.tokens),
                          lambda: through_server(client, args.tokens), ("direct", "Socket.IO"))
+        probes = alternate(args.probes, lambda: direct(engine, args.probe_tokens),
+                           lambda: through_server(client, args.probe_tokens), ("direct", "Socket.IO"), quiet=True)
         client.close()
     report(rows, "direct engine", "through Socket.IO",
-           f"{args.tokens} tokens, greedy, bundled SmolLM2 on {engine.device}/{engine.dtype}")
+           f"{args.tokens} tokens ({args.probes} probes of {args.probe_tokens}), greedy, bundled SmolLM2 on "
+           f"{engine.device}/{engine.dtype}", probes)
 
 
 if __name__ == "__main__":
