@@ -120,15 +120,11 @@ class TransformersChatEngine(Engine):
                     result: StreamResult, emit: Callable[[str], None]) -> None:
         """Generate in the calling (OS) thread, handing each piece of text to `emit` as it is decoded.
 
-        This is the per-token hot path of local chat: no extra thread or queue between the model
-        and the consumer's queue.
+        This is the per-token hot path of local chat. transformers' `TextIteratorStreamer` decodes
+        (whole words, special tokens skipped); its queue is replaced by `_EmitQueue`, so each piece
+        goes straight into the consumer's un-patched queue: no extra thread or queue per token.
         """
-        from transformers import StoppingCriteriaList, TextStreamer
-
-        class CallbackStreamer(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if text:
-                    emit(text)
+        from transformers import StoppingCriteriaList
 
         self.load()
         model, tokenizer = self.model, self.tokenizer
@@ -138,7 +134,7 @@ class TransformersChatEngine(Engine):
                                                return_tensors="pt", return_dict=True).to(self.device)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         kwargs: dict[str, Any] = dict(
-            **inputs, streamer=CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+            **inputs, streamer=_streamer(tokenizer, emit),
             max_new_tokens=options.max_new_tokens, stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]),
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
@@ -184,3 +180,29 @@ class TransformersChatEngine(Engine):
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+
+class _EmitQueue:
+    """Stands in for `TextIteratorStreamer.text_queue`: hands each decoded piece to `emit` at once.
+
+    The streamer's own queue is built from the `queue` module, which eventlet has made green: a put
+    from the generating OS thread would never wake a green reader (../shared/NOTES.md).
+    """
+
+    def __init__(self, emit: Callable[[str], None], stop_signal: Any) -> None:
+        self.emit = emit
+        self.stop_signal = stop_signal
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is not self.stop_signal and item:
+            self.emit(item)
+
+
+def _streamer(tokenizer: Any, emit: Callable[[str], None]) -> Any:
+    """A TextIteratorStreamer (answer only, special tokens skipped) that emits instead of queueing."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer.text_queue = _EmitQueue(emit, streamer.stop_signal)
+    return streamer
+
