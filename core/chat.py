@@ -56,6 +56,7 @@ class ChatJob:
     cancel: Any = field(default_factory=os_event)
     received: float = field(default_factory=time.perf_counter)
     setup_ms: float | None = None   # accepted → generation started (history, admission, lease)
+    pieces_sent: int = 0            # `index` of the next delta/reasoning event
 
     @property
     def stored(self) -> bool:
@@ -307,7 +308,8 @@ class ChatService:
         for kind, text in merged:
             parts[kind].append(text)
             sink.emit("delta" if kind == "content" else "reasoning",
-                      {"chat_id": job.chat_id, "message_id": job.message_id, "content": text})
+                      {"chat_id": job.chat_id, "message_id": job.message_id, "content": text, "index": job.pieces_sent})
+            job.pieces_sent += 1
 
     # -- control ---------------------------------------------------------------------------------
     def stop(self, chat_id: Any) -> bool:

@@ -36,6 +36,7 @@ def test_bundled_model_answers_paris_and_deltas_join_to_stored_message(server, c
     assert "Paris" in answer
     assert len(deltas) > 1, "the answer should stream in several deltas"
     assert all(d["message_id"] == done["message_id"] for d in deltas)
+    assert [d["index"] for d in deltas] == list(range(len(deltas))), "deltas arrive in order, numbered from 0"
     assert done["finish_reason"] == "stop"
     assert done["usage"]["completion_tokens"] > 0 and done["usage"]["prompt_tokens"] > 0
     assert done["timings"]["ttft_ms"] > 0
@@ -203,3 +204,21 @@ def test_history_is_context_and_survives_restart(make_server, tmp_path):
         assert messages[-1]["prompt_tokens"] > 45
     finally:
         c.close()
+
+
+def test_the_python_client_in_the_protocol_docs_works(server):
+    """docs/protocol.md's example, run as written (only the URL changed) with the stock python-socketio Client."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text(encoding="utf-8")
+    section = doc.split("## A short Python client", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "http://127.0.0.1:5000" in code
+    run = subprocess.run([sys.executable, "-c", code.replace("http://127.0.0.1:5000", server.url)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    answer = next(line for line in run.stdout.splitlines() if line.startswith("answer:"))
+    assert "Paris" in answer and "stop" in run.stdout, run.stdout

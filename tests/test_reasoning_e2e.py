@@ -49,6 +49,8 @@ def test_socket_reasoning_events_and_stored_fields(server, model):
     assert not any("<" in d or ">" in d for d in deltas + thoughts), (deltas, thoughts)
     names = [n for _, n, _ in client.events if n in ("reasoning", "delta")]
     assert names.index("delta") > max(i for i, n in enumerate(names) if n == "reasoning"), "reasoning comes first"
+    pieces = [d for _, n, d in client.events if n in ("reasoning", "delta")]
+    assert [d["index"] for d in pieces] == list(range(len(pieces))), "one numbering across both kinds"
     answer = stored_answer(server, chat_id)
     assert (answer["content"], answer["reasoning"], answer["status"]) == (ANSWER, REASONING, "complete")
 
