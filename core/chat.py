@@ -57,6 +57,7 @@ class ChatJob:
     received: float = field(default_factory=time.perf_counter)
     setup_ms: float | None = None   # accepted → generation started (history, admission, lease)
     pieces_sent: int = 0            # `index` of the next delta/reasoning event
+    citations: list[dict] | None = None   # the excerpts a knowledge chat was given (stored with the answer)
 
     @property
     def stored(self) -> bool:
@@ -186,7 +187,8 @@ class ChatService:
             if job.stored:
                 self.store.finish_message(job.message_id, content="".join(parts["content"]), status=status,
                                           finish_reason=result.finish_reason, usage=result.usage.to_dict(),
-                                          timings=timings, reasoning="".join(parts["reasoning"]) or None)
+                                          timings=timings, reasoning="".join(parts["reasoning"]) or None,
+                                          citations=job.citations)
             sink.emit("done", {"chat_id": job.chat_id, "message_id": job.message_id,
                                "finish_reason": result.finish_reason, "usage": result.usage.to_dict(),
                                "timings": timings})
@@ -207,7 +209,8 @@ class ChatService:
         text = "".join(parts["content"])
         if job.stored:
             self.store.finish_message(job.message_id, content=text, status="incomplete" if text else "error",
-                                      error_code=exc.code, reasoning="".join(parts["reasoning"]) or None)
+                                      error_code=exc.code, reasoning="".join(parts["reasoning"]) or None,
+                                      citations=job.citations)
         log.error("event=chat_error chat=%s model=%s code=%s message=%s", job.chat_id, job.model.id,
                   exc.code, exc.message)
         sink.emit("error", {"chat_id": job.chat_id, "message_id": job.message_id, **exc.to_dict()})
@@ -223,6 +226,7 @@ class ChatService:
             collection = job.knowledge if isinstance(job.knowledge, str) else None
             with self.knowledge.lease(f"chat:{job.chat_id[:8]}"):
                 messages, sources = run_blocking(self.knowledge.augment, messages, job.query, collection, job.model)
+            job.citations = sources
             sink.emit("citations", {"chat_id": job.chat_id, "message_id": job.message_id, "sources": sources})
         return job.provider.fit_context(job.model, messages, job.options.max_new_tokens)
 

@@ -5,6 +5,7 @@ so they stay visible but are no longer sent to the model.
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 import uuid
@@ -37,11 +38,15 @@ CREATE TABLE IF NOT EXISTS messages (
     ttft_ms REAL,
     tokens_per_s REAL,
     reasoning TEXT,
+    citations TEXT,
     created_at REAL NOT NULL,
     UNIQUE (chat_id, seq)
 );
 CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id, seq);
 """
+
+# Columns added after the first release: a database created before them gets them on open.
+ADDED_COLUMNS = {"messages": (("reasoning", "TEXT"), ("citations", "TEXT"))}
 
 MESSAGE_STATUSES = ("complete", "cancelled", "incomplete", "error", "streaming")
 
@@ -62,7 +67,15 @@ class ChatStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
         self._lock = os_lock()
+
+    def _add_missing_columns(self) -> None:
+        for table, columns in ADDED_COLUMNS.items():
+            present = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def _run(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -118,14 +131,14 @@ class ChatStore:
 
     def finish_message(self, message_id: str, *, content: str, status: str, finish_reason: str | None = None,
                        error_code: str | None = None, usage: dict | None = None, timings: dict | None = None,
-                       reasoning: str | None = None) -> None:
-        """Store the final text and outcome of an assistant message."""
+                       reasoning: str | None = None, citations: list[dict] | None = None) -> None:
+        """Store the final text and outcome of an assistant message (and the sources it was given)."""
         usage, timings = usage or {}, timings or {}
         self._run("UPDATE messages SET content=?, status=?, finish_reason=?, error_code=?, prompt_tokens=?, "
-                  "completion_tokens=?, ttft_ms=?, tokens_per_s=?, reasoning=? WHERE id=?",
+                  "completion_tokens=?, ttft_ms=?, tokens_per_s=?, reasoning=?, citations=? WHERE id=?",
                   (content, status, finish_reason, error_code, usage.get("prompt_tokens"),
                    usage.get("completion_tokens"), timings.get("ttft_ms"), timings.get("tokens_per_s"),
-                   reasoning, message_id))
+                   reasoning, None if citations is None else json.dumps(citations), message_id))
 
     def messages(self, chat_id: str) -> list[dict]:
         """Every message of a chat in order, each marked with whether it is still in the context."""
@@ -135,6 +148,7 @@ class ChatStore:
         out = []
         for row in rows:
             item: dict[str, Any] = dict(row)
+            item["citations"] = json.loads(row["citations"]) if row["citations"] else None
             item["in_context"] = row["seq"] > context_from
             out.append(item)
         return out

@@ -151,6 +151,7 @@
     const msgs = (data && data.messages) || [];
     const s = state.stream;
     const lastOut = msgs.map((m) => m.in_context).lastIndexOf(false);
+    historyHooks.forEach((hook) => hook(msgs));   // e.g. knowledge.js picks up stored citations
     ui.messages.replaceChildren();
     msgs.forEach((m, i) => {
       if (!(s && s.messageId === m.id)) {     // the live bubble stands in for a streaming answer
@@ -291,6 +292,7 @@
 
   // ---------- sending and streaming ----------
   const payloadHooks = [];                    // Switchboard.onChatPayload(fn): fn(payload) before a chat is sent
+  const historyHooks = [];                    // Switchboard.onHistory(fn): fn(messages) before a chat is drawn
   function send() {
     const content = ui.prompt.value;
     if (!content.trim() || state.stream) return;
@@ -462,6 +464,8 @@
     openChat: openChat, newChat: newChat, loadChats: loadChats, refreshModels: refreshModels,
     /** Registers fn(payload), called with each chat payload before it is sent (may add fields). */
     onChatPayload(fn) { payloadHooks.push(fn); },
+    /** Registers fn(messages), called with a chat's stored messages each time its history is drawn. */
+    onHistory(fn) { historyHooks.push(fn); },
     /** Adds a titled panel to <aside id="panels"> and returns its body element. */
     addPanel(id, title) {
       const panel = el("section", "panel", null, { id: id });

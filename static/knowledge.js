@@ -73,6 +73,9 @@
       if (bubble) attachCitations(bubble);
     }
   }
+  SB.onHistory((msgs) => {                    // stored with the answer: shown again after a reload
+    for (const m of msgs) if (Array.isArray(m.citations)) citations[m.id] = m.citations;
+  });
   socket.on("citations", (d) => {
     if (!d || !d.message_id) return;
     citations[d.message_id] = Array.isArray(d.sources) ? d.sources : [];

@@ -104,3 +104,38 @@ def test_html_in_a_message_is_shown_as_text_and_runs_nothing(page):
     assert page.evaluate("window.__xss === undefined")
     assert page.evaluate("!document.querySelector('#messages [onerror], #messages script')")
     assert alerts == []
+
+
+ZORBLAT = ("The Zorblat festival in the town of Quentaria is held every year on the ninth of Brumaire. "
+           "Its mascot is a purple walrus called Fenwick, and the winner of the pie contest gets a silver spoon.")
+
+
+def test_knowledge_upload_citations_survive_a_reload_and_translate(page):
+    page.select_option("#model-select", BUNDLED_ID)
+    page.set_input_files("#kb-file", files=[{"name": "zorblat-festival.txt", "mimeType": "text/plain",
+                                             "buffer": ZORBLAT.encode()}])
+    page.click("#kb-upload")
+    page.wait_for_selector("#kb-list .kb-doc[data-status='ready']", timeout=120000)
+    assert "zorblat-festival.txt" in page.locator("#kb-list").inner_text()
+
+    page.check("#use-knowledge")
+    send(page, "What is the name of the mascot of the Zorblat festival?")
+    wait_idle(page)
+    sources = page.locator(".message.assistant").last.locator(".citations")
+    assert "zorblat-festival.txt" in sources.inner_text()
+
+    chat_id = page.evaluate("location.hash.slice(1)")
+    page.reload()
+    page.wait_for_function(f"location.hash.slice(1) === '{chat_id}' && "
+                           "document.querySelectorAll('.message.assistant').length > 0", timeout=15000)
+    page.wait_for_selector(".message.assistant .citations", timeout=10000)
+    assert "zorblat-festival.txt" in page.locator(".message.assistant .citations").last.inner_text(), \
+        "citations are stored with the answer, not only sent live"
+
+    page.fill("#tr-text", "Good morning, my friend.")
+    page.select_option("#tr-target", "fr")
+    page.click("#tr-go")
+    page.wait_for_function("document.querySelector('#tr-go').textContent === 'Translate' && "
+                           "document.querySelector('#tr-output').textContent.trim().length > 0", timeout=180000)
+    assert "error" not in page.locator(".tr-status").inner_text()
+    assert page.foreign_requests == []

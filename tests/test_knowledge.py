@@ -301,6 +301,8 @@ def test_uploaded_fact_is_cited_by_local_and_openai_compatible_models(kserver, k
         assert sources and sources[0]["document"] == FACT_DOC, (model, sources)
         assert set(sources[0]) >= {"document", "chunk", "score", "excerpt"} and "Fenwick" in sources[0]["excerpt"]
         assert done["finish_reason"] in ("stop", "length")
+        stored = requests.get(f"{kserver.url}/api/chats/{done['chat_id']}", timeout=10).json()["messages"][-1]
+        assert stored["citations"] == sources, "the sources are stored with the answer"
     citations, _ = ask(kclient, BUNDLED_ID, "How do I change a flat tyre on a car?")
     assert citations["sources"] == [], "no relevant chunk: no invented citation"
 

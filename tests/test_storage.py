@@ -47,3 +47,28 @@ def test_delete_and_list(tmp_path):
     assert store.delete_chat(a) is False
     assert [c["id"] for c in store.list_chats()] == [b]
     assert store.messages(a) == []
+
+
+def test_a_database_from_before_reasoning_and_citations_opens_with_its_history(tmp_path):
+    import sqlite3
+
+    from core.storage import ADDED_COLUMNS, SCHEMA
+
+    path = tmp_path / "old.sqlite"
+    old_schema = SCHEMA
+    for name, kind in ADDED_COLUMNS["messages"]:
+        old_schema = old_schema.replace(f"    {name} {kind},\n", "")
+    assert "citations" not in old_schema and "reasoning" not in old_schema
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO chats VALUES ('c1', 'old chat', 'm1', 0, 1.0, 1.0)")
+        db.execute("INSERT INTO messages (id, chat_id, seq, role, content, model, status, created_at) "
+                   "VALUES ('u1', 'c1', 1, 'user', 'kept?', 'm1', 'complete', 1.0)")
+    store = ChatStore(path)
+    assert [m["content"] for m in store.messages("c1")] == ["kept?"]
+    answer = store.add_message("c1", "assistant", "", "m1", "streaming")
+    sources = [{"document": "a.txt", "chunk": 0, "score": 0.8, "excerpt": "x"}]
+    store.finish_message(answer, content="yes", status="complete", reasoning="hmm", citations=sources)
+    reopened = ChatStore(path).messages("c1")
+    assert [(m["content"], m["reasoning"], m["citations"]) for m in reopened] == [
+        ("kept?", None, None), ("yes", "hmm", sources)]
