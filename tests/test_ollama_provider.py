@@ -137,6 +137,30 @@ def test_stream_paris_with_usage(server):
     assert result.usage.prompt_tokens > 0
 
 
+def test_a_thinking_models_trace_comes_as_reasoning_not_answer():
+    """Ollama >= 0.12 lets thinking models think by default and streams the trace in message.thinking."""
+    from core.reasoning import Reasoning
+    from tests.peers.ollama_server import THINKING_TEXT
+
+    proc = OllamaProcess.spawn(models=["deepseek-r1:1.5b", "llama3:8b"])
+    try:
+        provider = make_provider(proc.url)
+        deltas, result, err = chat(provider, model_named(provider, "deepseek-r1:1.5b"))
+        assert err is None and result.finish_reason == "stop"
+        thoughts = [d.text for d in deltas if isinstance(d, Reasoning)]
+        answer = [d for d in deltas if isinstance(d, str)]
+        assert "".join(thoughts) == THINKING_TEXT and "".join(answer) == PARIS
+        assert isinstance(deltas[0], Reasoning) and isinstance(deltas[-1], str), "the trace comes first"
+        sent = server_log(proc, "/api/chat")[-1]["json"]
+        assert "think" not in sent, "the model's own default decides; older Ollama would refuse the field"
+        # The fake follows Ollama: asking a model that cannot think to think is a 400.
+        refused = requests.post(proc.url + "/api/chat", json={"model": "llama3:8b", "think": True, "messages": [
+            {"role": "user", "content": "hi"}]}, timeout=5)
+        assert refused.status_code == 400 and "does not support thinking" in refused.json()["error"]
+    finally:
+        proc.stop()
+
+
 def test_request_body_maps_options(server):
     provider = make_provider(server.url, ollama_keep_alive="-1")
     model = model_named(provider, "llama3:8b")

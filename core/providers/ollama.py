@@ -29,6 +29,7 @@ from core.errors import (
     SwitchboardError,
 )
 from core.providers.base import CancelToken, Provider, ProviderGroup
+from core.reasoning import Reasoning
 from core.types import ChatOptions, Message, ModelInfo, StreamResult
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ class OllamaProvider(Provider):
         cancel: CancelToken,
         result: StreamResult,
     ) -> Iterator[str]:
-        """POST /api/chat (stream) and yield message.content deltas.
+        """POST /api/chat (stream) and yield message.content deltas (message.thinking as `Reasoning`).
 
         Raises ProviderUnreachable, ModelNotFound (404), AuthFailed (401/403), RateLimited (429),
         ProviderError (other statuses, Ollama's mid-stream error line), ProviderTimeout (connect,
@@ -241,7 +242,11 @@ class OllamaProvider(Provider):
                 if not got_first:
                     got_first = True
                     self._set_read_timeout(resp, idle_s)
-                content = (obj.get("message") or {}).get("content") or ""
+                message = obj.get("message") or {}
+                thinking = message.get("thinking") or ""
+                if thinking:   # a thinking model's trace (Ollama >= 0.9), kept off the answer text
+                    yield Reasoning(thinking)
+                content = message.get("content") or ""
                 if content:
                     yield content
                     if cancel.is_set():

@@ -30,7 +30,11 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODELS = ["llama3:8b", "qwen2.5:0.5b-instruct-q4_K_M", "mistral:latest"]
-VERSION = "0.6.5"
+VERSION = "0.12.10"
+# Models that think (docs.ollama.com/capabilities/thinking): since 0.12 they think unless the request
+# says `think: false`, and /api/chat streams the trace in `message.thinking`, apart from `content`.
+THINKING_FAMILIES = ("deepseek-r1", "qwen3")
+THINKING_TEXT = "The user asks something. Let me answer plainly."
 FOREVER = math.inf
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -258,8 +262,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._load_or_unload(name, keep, chat)
         if chat and not isinstance(messages, list):
             return self._error(400, "json: cannot unmarshal messages")
+        think = body.get("think")
+        thinks = name.split(":")[0].rsplit("/", 1)[-1] in THINKING_FAMILIES
+        if think not in (None, False, True, "low", "medium", "high"):
+            return self._error(400, "json: cannot unmarshal think")
+        if think not in (None, False) and not thinks:
+            return self._error(400, f'"{name}" does not support thinking')
         self._answer(name, keep, chat, messages if chat else [{"role": "user", "content": prompt}],
-                     options, body.get("stream", True) is not False)
+                     options, body.get("stream", True) is not False, thinks and think is not False)
 
     def _load_or_unload(self, name: str, keep: float, chat: bool) -> None:
         reason = "unload" if keep == 0 else "load"
@@ -273,7 +283,8 @@ class _Handler(BaseHTTPRequestHandler):
         obj.update({"done_reason": reason, "done": True})
         self._send_json(200, obj)
 
-    def _answer(self, name: str, keep: float, chat: bool, messages: list, options: dict, stream: bool) -> None:
+    def _answer(self, name: str, keep: float, chat: bool, messages: list, options: dict, stream: bool,
+                think: bool = False) -> None:
         cfg = dict(self.fake.config)
         start = time.monotonic()
         load_s = self.fake.load(name)
@@ -287,26 +298,35 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(limit, (int, float)) and 0 < limit < len(pieces):
             pieces, reason = pieces[:int(limit)], "length"
         prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in messages if isinstance(m, dict))
+        thoughts = split_tokens(THINKING_TEXT) if think else []
 
-        def obj(content: str, done: bool) -> dict:
+        def obj(content: str, done: bool, thinking: str = "") -> dict:
             o: dict = {"model": name, "created_at": _iso(time.time())}
-            o.update({"message": {"role": "assistant", "content": content}} if chat else {"response": content})
+            if chat:
+                o["message"] = {"role": "assistant", "content": content}
+                if thinking:
+                    o["message"]["thinking"] = thinking
+            else:
+                o["response"] = content
+                if thinking:
+                    o["thinking"] = thinking
             o["done"] = done
             return o
 
-        def final(content: str) -> dict:
-            o = obj(content, True)
+        def final(content: str, thinking: str = "") -> dict:
+            o = obj(content, True, thinking)
             elapsed = int((time.monotonic() - start) * 1e9)
             o.update({"done_reason": reason, "total_duration": elapsed, "load_duration": int(load_s * 1e9),
                       "prompt_eval_count": prompt_tokens, "prompt_eval_duration": 1_000_000 * prompt_tokens,
-                      "eval_count": len(pieces), "eval_duration": max(elapsed - int(load_s * 1e9), 1)})
+                      "eval_count": len(thoughts) + len(pieces),
+                      "eval_duration": max(elapsed - int(load_s * 1e9), 1)})
             return o
 
         if cfg["delay_first_token_s"]:
             time.sleep(cfg["delay_first_token_s"])
         if not stream:
-            time.sleep(cfg["chunk_delay_s"] * len(pieces))
-            self._send_json(200, final("".join(pieces)))
+            time.sleep(cfg["chunk_delay_s"] * (len(thoughts) + len(pieces)))
+            self._send_json(200, final("".join(pieces), "".join(thoughts)))
             return self._finish(name, keep)
 
         self.send_response(200)
@@ -315,6 +335,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self._entry["status"] = 200
         try:
+            for thought in thoughts:   # the trace comes first, with empty content
+                self._chunk(obj("", False, thought))
+                time.sleep(cfg["chunk_delay_s"])
             for i, piece in enumerate(pieces):
                 if cfg["cut_after_chunks"] is not None and i >= cfg["cut_after_chunks"]:
                     self.close_connection = True
