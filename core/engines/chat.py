@@ -205,4 +205,3 @@ def _streamer(tokenizer: Any, emit: Callable[[str], None]) -> Any:
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     streamer.text_queue = _EmitQueue(emit, streamer.stop_signal)
     return streamer
-
