@@ -144,10 +144,8 @@ class LocalProvider(Provider):
             self.cache.touch_last_used(model.native_name)
 
     def count_tokens(self, model: ModelInfo, messages: list[Message]) -> int:
-        engine = self.engines.get(model.native_name)
-        if engine is not None and engine.is_loaded():
-            return engine.count_tokens(messages)
-        return super().count_tokens(model, messages)
+        engine = self.ready_engine(model)
+        return engine.count_tokens(messages) if engine is not None else super().count_tokens(model, messages)
 
     def forget(self, repo: str) -> None:
         """Drop the engine object of a deleted model (its cached tokenizer included)."""
