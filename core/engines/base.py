@@ -29,3 +29,7 @@ class Engine(ABC):
     @abstractmethod
     def memory_bytes(self) -> int:
         """Bytes the weights hold now (0 when unloaded)."""
+
+    def expected_bytes(self) -> int:
+        """Roughly what a load will take, for the resource manager's budget (0 when unknown)."""
+        return 0

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 
 from core.concurrency import os_lock, os_queue, start_os_thread
 from core.engines.base import LOADED, LOADING, PARKED, UNLOADED, UNLOADING, Engine
-from core.engines.device import CancelCriteria, module_bytes, pick_device, release_memory
+from core.engines.device import CancelCriteria, module_bytes, pick_device, release_memory, weights_on_disk
 from core.errors import GenerationFailed
 from core.providers.base import CancelToken
 from core.types import ChatOptions, Message, StreamResult
@@ -102,9 +102,7 @@ class TransformersChatEngine(Engine):
 
     def expected_bytes(self) -> int:
         """Bytes the weights will take once loaded, from the files on disk (for budget decisions)."""
-        if self.model is not None:
-            return self.memory_bytes()
-        return sum(p.stat().st_size for p in self.path.glob("*.safetensors"))
+        return self.memory_bytes() if self.model is not None else weights_on_disk(self.path)
 
     def memory_bytes(self) -> int:
         return module_bytes(self.model)

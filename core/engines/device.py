@@ -6,6 +6,7 @@ import gc
 import logging
 import sys
 import weakref
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ def release_memory(device: str) -> None:
 # Sizes of loaded modules, computed once: walking every parameter takes ~10 ms of the event loop's
 # CPU, and the resource status asks for it while a model is generating.
 _module_sizes: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+
+
+def weights_on_disk(path: Path) -> int:
+    """Bytes of a model directory's weight files (safetensors, else .bin): roughly what loading it takes."""
+    try:
+        return sum(f.stat().st_size for f in path.glob("*.safetensors")) or sum(
+            f.stat().st_size for f in path.glob("*.bin"))
+    except OSError:
+        return 0
 
 
 def module_bytes(model: Any | None) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from core.concurrency import os_lock
 from core.engines.base import LOADED, LOADING, UNLOADED, UNLOADING, Engine
-from core.engines.device import module_bytes, release_memory
+from core.engines.device import module_bytes, release_memory, weights_on_disk
 from core.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,8 @@ class EmbeddingEngine(Engine):
     def expected_bytes(self) -> int:
         """Roughly what a load will take (the safetensors file size), for the resource manager."""
         try:
-            return sum(f.stat().st_size for f in self._require_path().glob("*.safetensors"))
-        except (OSError, ModelUnavailable):
+            return weights_on_disk(self._require_path())
+        except ModelUnavailable:
             return 0
 
     # -- use -------------------------------------------------------------------------------------

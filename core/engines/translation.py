@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from core.concurrency import os_lock, os_queue, start_os_thread
 from core.engines.base import LOADED, LOADING, UNLOADED, UNLOADING, Engine
-from core.engines.device import CancelCriteria, module_bytes, pick_device, release_memory
+from core.engines.device import CancelCriteria, module_bytes, pick_device, release_memory, weights_on_disk
 from core.errors import GenerationFailed, ModelUnavailable
 from core.providers.base import CancelToken
 from core.types import ChatOptions, Message, StreamResult
@@ -113,11 +113,7 @@ class Seq2SeqTranslationEngine(Engine):
         return module_bytes(self.model)
 
     def expected_bytes(self) -> int:
-        try:
-            return sum(f.stat().st_size for f in self.path.glob("*.safetensors")) or sum(
-                f.stat().st_size for f in self.path.glob("*.bin"))
-        except OSError:
-            return 0
+        return weights_on_disk(self.path)
 
     def translate(self, text: str, source: str | None, target: str, options: ChatOptions, cancel: CancelToken,
                   result: StreamResult) -> Iterator[str]:

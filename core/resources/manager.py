@@ -44,7 +44,7 @@ class Slot:
 
     def size_hint(self) -> int:
         held = self.engine.memory_bytes()
-        return held or int(getattr(self.engine, "expected_bytes", lambda: 0)())
+        return held or self.engine.expected_bytes()
 
 
 class ResourceManager:
