@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 5000
 
-.PHONY: run test install install-dev browser llama-cpp bench clean
+.PHONY: run test lint install install-dev browser llama-cpp bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,12 @@ llama-cpp: $(VENV)/.installed-dev
 run: install
 	$(BIN)/python run.py --host $(HOST) --port $(PORT)
 
-test: install-dev
+## Lint and format check (pyproject.toml), then the whole suite.
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install-dev lint
 	$(BIN)/python -m pytest
 
 bench: install-dev

@@ -1,4 +1,5 @@
 """Switchboard's entry point: `python run.py [serve]` starts the server; other subcommands manage models."""
+
 import warnings
 
 # eventlet warns on import that it is in bugfix-only mode; it is the product's chosen server mode.
@@ -26,8 +27,9 @@ import sys  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description="Switchboard: one chat page for local, "
-                                     "Ollama and OpenAI-compatible models.")
+    parser = argparse.ArgumentParser(
+        prog="run.py", description="Switchboard: one chat page for local, Ollama and OpenAI-compatible models."
+    )
     parser.add_argument("--data-dir", help="data directory (default ./data, env SWITCHBOARD_DATA_DIR)")
     parser.add_argument("--model-dir", help="model cache (default <data-dir>/models, env MODEL_DIR)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -36,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     for target in (parser, serve):
         target.add_argument("--host", help="address to bind (default 127.0.0.1)")
         target.add_argument("--port", type=int, help="port (default 5000)")
-        target.add_argument("--api-token", help="require this access token from every API and Socket.IO "
-                            "client (env SWITCHBOARD_API_TOKEN, which keeps it out of the process list)")
+        target.add_argument(
+            "--api-token",
+            help="require this access token from every API and Socket.IO "
+            "client (env SWITCHBOARD_API_TOKEN, which keeps it out of the process list)",
+        )
     try:
         from core.models import cli as models_cli
     except ImportError:  # the model manager CLI is optional at this stage
@@ -48,13 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     from core.concurrency import use_real_locks_for_logging
 
     use_real_locks_for_logging()
-    for noisy in ("werkzeug", "engineio.server", "socketio.server", "httpx", "httpx2", "urllib3",
-                  "huggingface_hub"):
+    for noisy in ("werkzeug", "engineio.server", "socketio.server", "httpx", "httpx2", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -65,10 +70,18 @@ def serve(settings) -> int:
     app = create_app(settings, async_mode="eventlet")
     log = logging.getLogger("switchboard")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:
-        log.warning("event=insecure_bind host=%s message=binding a non-loopback address without "
-                    "--api-token lets anyone on the network use your models", settings.host)
-    log.info("event=server_start url=http://%s:%d data_dir=%s model_dir=%s", settings.host, settings.port,
-             settings.data_path, settings.model_path)
+        log.warning(
+            "event=insecure_bind host=%s message=binding a non-loopback address without "
+            "--api-token lets anyone on the network use your models",
+            settings.host,
+        )
+    log.info(
+        "event=server_start url=http://%s:%d data_dir=%s model_dir=%s",
+        settings.host,
+        settings.port,
+        settings.data_path,
+        settings.model_path,
+    )
     socketio.run(app, host=settings.host, port=settings.port, log_output=False)
     return 0
 
@@ -78,9 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     from core.config import load_settings
     from core.errors import SwitchboardError
 
-    overrides = {"data_dir": args.data_dir, "model_dir": args.model_dir, "log_level": args.log_level,
-                 "host": getattr(args, "host", None), "port": getattr(args, "port", None),
-                 "api_token": getattr(args, "api_token", None)}
+    overrides = {
+        "data_dir": args.data_dir,
+        "model_dir": args.model_dir,
+        "log_level": args.log_level,
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "api_token": getattr(args, "api_token", None),
+    }
     try:
         settings = load_settings(overrides)
     except SwitchboardError as exc:

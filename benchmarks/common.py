@@ -1,12 +1,13 @@
 """What every overhead benchmark prints: per-round figures and medians as same-run ratios."""
+
 from __future__ import annotations
 
 import math
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
-Measure = Callable[[], tuple[float, float]]   # one generation -> (ttft_s, tokens_per_s)
-Row = tuple[float, float, float, float]       # (reference ttft_s, reference tokens/s, measured ttft_s, measured tokens/s)
+Measure = Callable[[], tuple[float, float]]  # one generation -> (ttft_s, tokens_per_s)
+Row = tuple[float, float, float, float]  # (reference ttft_s, reference tokens/s, measured ttft_s, measured tokens/s)
 
 
 def rate(tokens: int, first: float, last: float) -> float:
@@ -33,12 +34,20 @@ def report(rows: list[Row], reference: str, measured: str, setting: str, probes:
 
 
 def print_round(label: str, row: Row, reference: str, measured: str) -> None:
-    print(f"{label}: {reference} {row[1]:6.2f} tok/s ttft {row[0] * 1000:6.1f} ms | "
-          f"{measured} {row[3]:6.2f} tok/s ttft {row[2] * 1000:6.1f} ms")
+    print(
+        f"{label}: {reference} {row[1]:6.2f} tok/s ttft {row[0] * 1000:6.1f} ms | "
+        f"{measured} {row[3]:6.2f} tok/s ttft {row[2] * 1000:6.1f} ms"
+    )
 
 
-def alternate(rounds: int, reference: Measure, measured: Measure, labels: tuple[str, str],
-              name: str = "round", quiet: bool = False) -> list[Row]:
+def alternate(
+    rounds: int,
+    reference: Measure,
+    measured: Measure,
+    labels: tuple[str, str],
+    name: str = "round",
+    quiet: bool = False,
+) -> list[Row]:
     """Run `reference` then `measured` `rounds` times (alternating, so drift hits both), printing each."""
     rows: list[Row] = []
     for i in range(rounds):

@@ -8,6 +8,7 @@ larger synthetic document (chunked with the configured sizes, embedded in batche
 
     .venv/bin/python benchmarks/knowledge_eval.py [--device cpu] [--chunks 400]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,18 +75,24 @@ def main() -> int:
         index_s = time.perf_counter() - started
         service.close()
 
-    print(f"embedding model     {embedder.model_id} on {embedder.device} (load {load_s:.2f} s, "
-          f"{embedder.memory_bytes() / 1e6:.0f} MB)")
+    print(
+        f"embedding model     {embedder.model_id} on {embedder.device} (load {load_s:.2f} s, "
+        f"{embedder.memory_bytes() / 1e6:.0f} MB)"
+    )
     print(f"chunking            {service.chunk_tokens} tokens, overlap {service.overlap_tokens}")
     print(f"corpus              {len(files)} documents, {len(questions)} questions, indexed in {corpus_s:.2f} s")
     print(f"recall@1            {recall[1]:.3f}")
     print(f"recall@3            {recall[3]:.3f}")
     print(f"recall@5            {recall[5]:.3f}")
     print(f"query latency       {query_ms:.1f} ms (embed + search)")
-    print(f"top score           answerable min {min(right):.3f} / off-topic max {max(off):.3f} "
-          f"(min_score {settings.knowledge_min_score})")
-    print(f"indexing throughput {indexed['chunks']} chunks ({len(text) / 1e3:.0f} kB) in {index_s:.2f} s = "
-          f"{indexed['chunks'] / index_s:.1f} chunks/s")
+    print(
+        f"top score           answerable min {min(right):.3f} / off-topic max {max(off):.3f} "
+        f"(min_score {settings.knowledge_min_score})"
+    )
+    print(
+        f"indexing throughput {indexed['chunks']} chunks ({len(text) / 1e3:.0f} kB) in {index_s:.2f} s = "
+        f"{indexed['chunks'] / index_s:.1f} chunks/s"
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ sends one token per chunk), the ratio (goal >= 0.98) and the added time to first
 
     .venv/bin/python benchmarks/relay_overhead.py [--rounds 5] [--tokens 128]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ def direct(client: OpenAI, tokens: int) -> tuple[float, float]:
     """(ttft_s, chunks_per_s) straight from llama.cpp."""
     sent = time.perf_counter()
     stamps = []
-    stream = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": PROMPT}],
-                                            stream=True, temperature=0, max_tokens=tokens)
+    stream = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": PROMPT}], stream=True, temperature=0, max_tokens=tokens
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
@@ -43,8 +45,9 @@ def relayed(client: EventClient, tokens: int) -> tuple[float, float]:
     """(ttft_s, chunks_per_s) as a Socket.IO client of Switchboard sees them."""
     start = len(client.events)
     sent = time.monotonic()
-    client.emit("chat", {"model": "bench:smollm2", "content": PROMPT,
-                         "options": {"temperature": 0, "max_new_tokens": tokens}})
+    client.emit(
+        "chat", {"model": "bench:smollm2", "content": PROMPT, "options": {"temperature": 0, "max_new_tokens": tokens}}
+    )
     _, _, name, end = client.wait_for(lambda n, d: n in ("done", "error"), start=start, timeout=300)
     if name != "done":
         raise RuntimeError(end)
@@ -62,19 +65,27 @@ def main() -> None:
     ensure_llama_cpp_installed()
     with LlamaServer() as llama, tempfile.TemporaryDirectory() as data:
         (Path(data) / "config.toml").write_text(
-            f'[model_names.bench]\nname = "bench"\nbase_url = "{llama.base_url}"\nenv = "NO_API_KEY"\n')
+            f'[model_names.bench]\nname = "bench"\nbase_url = "{llama.base_url}"\nenv = "NO_API_KEY"\n'
+        )
         sdk = OpenAI(base_url=llama.base_url, api_key="no-key", max_retries=0)
         with ServerProcess(Path(data), args.model_dir) as server:
             sio = EventClient(server.url)
             direct(sdk, 8)
             relayed(sio, 8)  # warm-up both paths
-            rows = alternate(args.rounds, lambda: direct(sdk, args.tokens), lambda: relayed(sio, args.tokens),
-                             ("direct", "relayed"))
-            probes = alternate(args.probes, lambda: direct(sdk, 8), lambda: relayed(sio, 8), ("direct", "relayed"),
-                               quiet=True)
+            rows = alternate(
+                args.rounds, lambda: direct(sdk, args.tokens), lambda: relayed(sio, args.tokens), ("direct", "relayed")
+            )
+            probes = alternate(
+                args.probes, lambda: direct(sdk, 8), lambda: relayed(sio, 8), ("direct", "relayed"), quiet=True
+            )
             sio.close()
-    report(rows, "direct (openai SDK)", "through Switchboard",
-           f"{args.tokens} tokens ({args.probes} probes of 8), greedy, SmolLM2 Q4_1 on llama.cpp", probes)
+    report(
+        rows,
+        "direct (openai SDK)",
+        "through Switchboard",
+        f"{args.tokens} tokens ({args.probes} probes of 8), greedy, SmolLM2 Q4_1 on llama.cpp",
+        probes,
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ ratio (goal >= 0.98) and the added time to first token (goal < 5 ms), which shor
 
     .venv/bin/python benchmarks/stream_overhead.py [--rounds 5] [--tokens 128] [--probes 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import alternate, rate, report  # noqa: E402
 from core.concurrency import os_event  # noqa: E402
 from core.engines.chat import TransformersChatEngine  # noqa: E402
 from core.models.bundled import ensure_bundled_model  # noqa: E402
 from core.models.cache import ModelCache  # noqa: E402
 from core.models.catalog import BUNDLED_REPO  # noqa: E402
 from core.types import ChatOptions, Message, StreamResult  # noqa: E402
-from benchmarks.common import alternate, rate, report  # noqa: E402
 from tests.helpers import BUNDLED_ID, EventClient, ServerProcess  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -36,8 +37,13 @@ def direct(engine: TransformersChatEngine, tokens: int) -> tuple[float, float]:
     result = StreamResult()
     stamps: list[float] = []
     started = time.perf_counter()
-    engine.generate_to([Message("user", PROMPT)], ChatOptions(tokens, 0.0, 1.0), os_event(), result,
-                       lambda text: stamps.append(time.perf_counter()))
+    engine.generate_to(
+        [Message("user", PROMPT)],
+        ChatOptions(tokens, 0.0, 1.0),
+        os_event(),
+        result,
+        lambda text: stamps.append(time.perf_counter()),
+    )
     return stamps[0] - started, rate(result.usage.completion_tokens, stamps[0], stamps[-1])
 
 
@@ -45,7 +51,9 @@ def through_server(client: EventClient, tokens: int) -> tuple[float, float]:
     """(ttft_s, tokens_per_s) as a Socket.IO client sees them."""
     start = len(client.events)
     sent = time.perf_counter()
-    client.emit("chat", {"model": BUNDLED_ID, "content": PROMPT, "options": {"temperature": 0, "max_new_tokens": tokens}})
+    client.emit(
+        "chat", {"model": BUNDLED_ID, "content": PROMPT, "options": {"temperature": 0, "max_new_tokens": tokens}}
+    )
     _, _, name, done = client.wait_for(lambda n, d: n in ("done", "error"), start=start, timeout=300)
     if name != "done":
         raise RuntimeError(done)
@@ -71,14 +79,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data, ServerProcess(Path(data), args.model_dir) as server:
         client = EventClient(server.url)
         through_server(client, 8)  # warm-up: loads the model in the server
-        rows = alternate(args.rounds, lambda: direct(engine, args.tokens),
-                         lambda: through_server(client, args.tokens), ("direct", "Socket.IO"))
-        probes = alternate(args.probes, lambda: direct(engine, args.probe_tokens),
-                           lambda: through_server(client, args.probe_tokens), ("direct", "Socket.IO"), quiet=True)
+        rows = alternate(
+            args.rounds,
+            lambda: direct(engine, args.tokens),
+            lambda: through_server(client, args.tokens),
+            ("direct", "Socket.IO"),
+        )
+        probes = alternate(
+            args.probes,
+            lambda: direct(engine, args.probe_tokens),
+            lambda: through_server(client, args.probe_tokens),
+            ("direct", "Socket.IO"),
+            quiet=True,
+        )
         client.close()
-    report(rows, "direct engine", "through Socket.IO",
-           f"{args.tokens} tokens ({args.probes} probes of {args.probe_tokens}), greedy, bundled SmolLM2 on "
-           f"{engine.device}/{engine.dtype}", probes)
+    report(
+        rows,
+        "direct engine",
+        "through Socket.IO",
+        f"{args.tokens} tokens ({args.probes} probes of {args.probe_tokens}), greedy, bundled SmolLM2 on "
+        f"{engine.device}/{engine.dtype}",
+        probes,
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ printed as ratios against the first load measured in the same run (machines here
 
     .venv/bin/python benchmarks/switch.py [--cycles 50] [--model-dir DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,11 +57,13 @@ def bench_model(cache: ModelCache, repo: str, cycles: int, device: str) -> None:
     print(f"imports         {import_s * 1000:8.0f} ms   (one-time, not counted below)")
     print(f"first load      {first * 1000:8.0f} ms   weights {mib(size)}   RSS +{mib(loaded['rss'] - before['rss'])}")
     print(f"unload          {unload_s * 1000:8.0f} ms   RSS freed {mib(loaded['rss'] - after['rss'])}")
-    for b, l, a in zip(before["cuda"], loaded["cuda"], after["cuda"]):
-        print(f"cuda{b['device']} allocated before {mib(b['allocated'])} loaded {mib(l['allocated'])} "
-              f"after unload {mib(a['allocated'])} freed {mib(l['allocated'] - a['allocated'])}")
-    for b, l, a in zip(before["nvml"], loaded["nvml"], after["nvml"]):
-        print(f"gpu{b['gpu']} used before {mib(b['used'])} loaded {mib(l['used'])} after {mib(a['used'])}")
+    for b, held, a in zip(before["cuda"], loaded["cuda"], after["cuda"], strict=True):
+        print(
+            f"cuda{b['device']} allocated before {mib(b['allocated'])} loaded {mib(held['allocated'])} "
+            f"after unload {mib(a['allocated'])} freed {mib(held['allocated'] - a['allocated'])}"
+        )
+    for b, held, a in zip(before["nvml"], loaded["nvml"], after["nvml"], strict=True):
+        print(f"gpu{b['gpu']} used before {mib(b['used'])} loaded {mib(held['used'])} after {mib(a['used'])}")
     reloads = []
     for _ in range(3):
         reloads.append(timed(load))
@@ -83,8 +86,10 @@ def bench_model(cache: ModelCache, repo: str, cycles: int, device: str) -> None:
         manager.unload("chat")
         rss.append(memory.process_rss())
     drift = rss[-1] - rss[0]
-    print(f"{cycles}-cycle RSS drift {mib(drift)} = {drift / size * 100:+.2f} % of the weights "
-          f"(goal < 5 %; after-unload RSS {mib(min(rss))} .. {mib(max(rss))})")
+    print(
+        f"{cycles}-cycle RSS drift {mib(drift)} = {drift / size * 100:+.2f} % of the weights "
+        f"(goal < 5 %; after-unload RSS {mib(min(rss))} .. {mib(max(rss))})"
+    )
 
 
 def main() -> None:

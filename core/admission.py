@@ -1,8 +1,10 @@
 """First-come-first-served admission for models that serve a limited number of streams at once."""
+
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class ModelQueue:
@@ -32,8 +34,14 @@ class Admission:
         with self._lock:
             return self._queues.setdefault(model_id, ModelQueue(limit))
 
-    def acquire(self, model_id: str, limit: int | None, ticket: Any, cancelled: Callable[[], bool],
-                on_position: Callable[[int], None]) -> bool:
+    def acquire(
+        self,
+        model_id: str,
+        limit: int | None,
+        ticket: Any,
+        cancelled: Callable[[], bool],
+        on_position: Callable[[int], None],
+    ) -> bool:
         """Wait for a turn; False if `cancelled()` became true while waiting."""
         if not limit:
             return True

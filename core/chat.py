@@ -5,23 +5,25 @@ Transport-neutral: Socket.IO handlers and REST routes hand it a `sink` (anything
 thread; their deltas come back through a `WakeQueue` (un-patched, with a pipe wake-up), so the server keeps
 serving other clients while a model generates.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Protocol
+from typing import Any, Protocol
 
 from core.admission import Admission
 from core.concurrency import WakeQueue, os_event, run_blocking, start_os_thread
 from core.config import Settings
 from core.errors import BadRequest, Busy, EmptyContent, NotFound, SwitchboardError, TooLong
 from core.providers.base import Provider, resolve_engine
-from core.router import Router
 from core.reasoning import Reasoning, ThinkSplitter
 from core.resources.manager import ResourceManager
+from core.router import Router
 from core.storage import ChatStore, new_id
 from core.types import ROLES, ChatOptions, Message, ModelInfo, StreamResult
 
@@ -55,9 +57,9 @@ class ChatJob:
     messages: list[Message] | None = None
     cancel: Any = field(default_factory=os_event)
     received: float = field(default_factory=time.perf_counter)
-    setup_ms: float | None = None   # accepted → generation started (history, admission, lease)
-    pieces_sent: int = 0            # `index` of the next delta/reasoning event
-    citations: list[dict] | None = None   # the excerpts a knowledge chat was given (stored with the answer)
+    setup_ms: float | None = None  # accepted → generation started (history, admission, lease)
+    pieces_sent: int = 0  # `index` of the next delta/reasoning event
+    citations: list[dict] | None = None  # the excerpts a knowledge chat was given (stored with the answer)
 
     @property
     def stored(self) -> bool:
@@ -67,8 +69,9 @@ class ChatJob:
 class KnowledgeAugmenter(Protocol):
     """Adds retrieved document excerpts to a prompt (the knowledge engine implements this)."""
 
-    def augment(self, messages: list[Message], query: str, collection: str | None,
-                model: ModelInfo) -> tuple[list[Message], list[dict]]: ...
+    def augment(
+        self, messages: list[Message], query: str, collection: str | None, model: ModelInfo
+    ) -> tuple[list[Message], list[dict]]: ...
 
     def lease(self, reason: str) -> ContextManager[Any]:
         """Hold the embedding engine (through the resource manager) while searching."""
@@ -87,8 +90,14 @@ def _field(payload: dict, name: str, kind: type, required: bool = True) -> Any:
 class ChatService:
     """Owns the answers being streamed right now; everything persistent goes through ChatStore."""
 
-    def __init__(self, store: ChatStore, router: Router, settings: Settings,
-                 knowledge: KnowledgeAugmenter | None = None, resources: ResourceManager | None = None) -> None:
+    def __init__(
+        self,
+        store: ChatStore,
+        router: Router,
+        settings: Settings,
+        knowledge: KnowledgeAugmenter | None = None,
+        resources: ResourceManager | None = None,
+    ) -> None:
         self.store = store
         self.router = router
         self.settings = settings
@@ -160,8 +169,9 @@ class ChatService:
         self._check_content(parsed[-1].content, "the last message's content")
         provider, model = self.router.route(model_id)
         message_id = new_id()
-        return ChatJob(message_id, message_id, provider, model, self._options(options), query=parsed[-1].content,
-                       messages=parsed)
+        return ChatJob(
+            message_id, message_id, provider, model, self._options(options), query=parsed[-1].content, messages=parsed
+        )
 
     # -- answering -------------------------------------------------------------------------------
     def run(self, job: ChatJob, sink: Sink) -> None:
@@ -171,8 +181,12 @@ class ChatService:
         try:
             limit = job.provider.max_concurrency
             admitted = self.admission.acquire(
-                job.model.id, limit, job, job.cancel.is_set,
-                lambda pos: sink.emit("queued", {"chat_id": job.chat_id, "position": pos}))
+                job.model.id,
+                limit,
+                job,
+                job.cancel.is_set,
+                lambda pos: sink.emit("queued", {"chat_id": job.chat_id, "position": pos}),
+            )
             try:
                 if admitted:
                     messages = self._prompt(job, sink)
@@ -185,16 +199,36 @@ class ChatService:
                     self.admission.release(job.model.id, limit)
             status = "cancelled" if result.finish_reason == "cancelled" else "complete"
             if job.stored:
-                self.store.finish_message(job.message_id, content="".join(parts["content"]), status=status,
-                                          finish_reason=result.finish_reason, usage=result.usage.to_dict(),
-                                          timings=timings, reasoning="".join(parts["reasoning"]) or None,
-                                          citations=job.citations)
-            sink.emit("done", {"chat_id": job.chat_id, "message_id": job.message_id,
-                               "finish_reason": result.finish_reason, "usage": result.usage.to_dict(),
-                               "timings": timings})
-            log.info("event=chat_done chat=%s model=%s finish=%s tokens=%d setup_ms=%s ttft_ms=%s tokens_per_s=%s",
-                     job.chat_id, job.model.id, result.finish_reason, result.usage.completion_tokens,
-                     job.setup_ms, timings["ttft_ms"], timings["tokens_per_s"])
+                self.store.finish_message(
+                    job.message_id,
+                    content="".join(parts["content"]),
+                    status=status,
+                    finish_reason=result.finish_reason,
+                    usage=result.usage.to_dict(),
+                    timings=timings,
+                    reasoning="".join(parts["reasoning"]) or None,
+                    citations=job.citations,
+                )
+            sink.emit(
+                "done",
+                {
+                    "chat_id": job.chat_id,
+                    "message_id": job.message_id,
+                    "finish_reason": result.finish_reason,
+                    "usage": result.usage.to_dict(),
+                    "timings": timings,
+                },
+            )
+            log.info(
+                "event=chat_done chat=%s model=%s finish=%s tokens=%d setup_ms=%s ttft_ms=%s tokens_per_s=%s",
+                job.chat_id,
+                job.model.id,
+                result.finish_reason,
+                result.usage.completion_tokens,
+                job.setup_ms,
+                timings["ttft_ms"],
+                timings["tokens_per_s"],
+            )
         except SwitchboardError as exc:
             self._fail(job, sink, parts, exc)
         except Exception as exc:  # never leave a client without an ending
@@ -208,18 +242,27 @@ class ChatService:
     def _fail(self, job: ChatJob, sink: Sink, parts: dict[str, list[str]], exc: SwitchboardError) -> None:
         text = "".join(parts["content"])
         if job.stored:
-            self.store.finish_message(job.message_id, content=text, status="incomplete" if text else "error",
-                                      error_code=exc.code, reasoning="".join(parts["reasoning"]) or None,
-                                      citations=job.citations)
-        log.error("event=chat_error chat=%s model=%s code=%s message=%s", job.chat_id, job.model.id,
-                  exc.code, exc.message)
+            self.store.finish_message(
+                job.message_id,
+                content=text,
+                status="incomplete" if text else "error",
+                error_code=exc.code,
+                reasoning="".join(parts["reasoning"]) or None,
+                citations=job.citations,
+            )
+        log.error(
+            "event=chat_error chat=%s model=%s code=%s message=%s", job.chat_id, job.model.id, exc.code, exc.message
+        )
         sink.emit("error", {"chat_id": job.chat_id, "message_id": job.message_id, **exc.to_dict()})
 
     def _prompt(self, job: ChatJob, sink: Sink) -> list[Message]:
         """The messages to send: history (or the client's own), knowledge excerpts, trimmed to fit."""
         if job.stored:
-            messages = [Message(m["role"], m["content"]) for m in self.store.context_messages(job.chat_id)
-                        if m["id"] != job.message_id]
+            messages = [
+                Message(m["role"], m["content"])
+                for m in self.store.context_messages(job.chat_id)
+                if m["id"] != job.message_id
+            ]
         else:
             messages = list(job.messages or [])
         if job.knowledge and self.knowledge is not None:
@@ -240,15 +283,17 @@ class ChatService:
             return self.resources.use_engine(engine, "chat", reason, target=job.model.id)
         return self.resources.use_external(job.provider.kind, job.model.native_name, reason, target=job.model.id)
 
-    def _stream(self, job: ChatJob, messages: list[Message], sink: Sink,
-                parts: dict[str, list[str]]) -> tuple[StreamResult, dict]:
+    def _stream(
+        self, job: ChatJob, messages: list[Message], sink: Sink, parts: dict[str, list[str]]
+    ) -> tuple[StreamResult, dict]:
         result = StreamResult()
         events = WakeQueue()
 
         def pump() -> None:
             try:
-                job.provider.push_chat(job.model, messages, job.options, job.cancel, result,
-                                       lambda piece: events.put(("piece", piece)))
+                job.provider.push_chat(
+                    job.model, messages, job.options, job.cancel, result, lambda piece: events.put(("piece", piece))
+                )
                 events.put(("end", None))
             except BaseException as exc:  # handed to the consumer
                 events.put(("error", exc))
@@ -296,7 +341,9 @@ class ChatService:
         tokens = result.usage.completion_tokens
         timings = {
             "ttft_ms": round((first - started) * 1000, 1) if first else None,
-            "tokens_per_s": round((tokens - 1) / (ended - first), 2) if first and tokens > 1 and ended > first else None,
+            "tokens_per_s": round((tokens - 1) / (ended - first), 2)
+            if first and tokens > 1 and ended > first
+            else None,
         }
         return result, timings
 
@@ -311,8 +358,10 @@ class ChatService:
                 merged.append((kind, text))
         for kind, text in merged:
             parts[kind].append(text)
-            sink.emit("delta" if kind == "content" else "reasoning",
-                      {"chat_id": job.chat_id, "message_id": job.message_id, "content": text, "index": job.pieces_sent})
+            sink.emit(
+                "delta" if kind == "content" else "reasoning",
+                {"chat_id": job.chat_id, "message_id": job.message_id, "content": text, "index": job.pieces_sent},
+            )
             job.pieces_sent += 1
 
     # -- control ---------------------------------------------------------------------------------

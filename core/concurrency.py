@@ -2,8 +2,9 @@
 
 Model loading and generation must run in real OS threads (a green thread would freeze every other
 client), and their results must come back through an *un-patched* queue: a put from an OS thread
-never wakes a green waiter (../shared/NOTES.md). This module is the one place that knows that.
+never wakes a green waiter (docs/architecture.md). This module is the one place that knows that.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -12,7 +13,8 @@ import queue as _std_queue
 import sys
 import threading as _std_threading
 import time as _std_time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def _eventlet_patched() -> bool:
@@ -71,8 +73,9 @@ def use_real_locks_for_logging() -> None:
 
     real_rlock = _original("threading").RLock
     logging._lock = real_rlock()  # type: ignore[attr-defined]  (guards the logger registry)
-    loggers = [logging.getLogger()] + [l for l in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(l, logging.Logger)]
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
     for logger in loggers:
         for handler in logger.handlers:
             handler.lock = real_rlock()

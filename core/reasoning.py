@@ -6,6 +6,7 @@ servers may instead send a separate `reasoning_content` field (providers yield `
 back only the few characters that could still become a tag, so a tag split across two deltas
 (`<th` + `ink>`) is recognised and never reaches the answer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,13 +47,13 @@ class ThinkSplitter:
             if index >= 0:
                 self._emit(out, buffer[:index])
                 self.thinking = not self.thinking
-                buffer = buffer[index + len(tag):]
+                buffer = buffer[index + len(tag) :]
                 if not self.thinking:
                     buffer = buffer.lstrip("\n") if not self._answer_started else buffer
                 continue
             keep = _partial_suffix(buffer, tag)
-            self._emit(out, buffer[:len(buffer) - keep])
-            self._pending = buffer[len(buffer) - keep:]
+            self._emit(out, buffer[: len(buffer) - keep])
+            self._pending = buffer[len(buffer) - keep :]
             break
         return out
 

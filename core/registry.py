@@ -1,4 +1,5 @@
 """The one place that knows every model: id → (provider, ModelInfo), grouped for the dropdown."""
+
 from __future__ import annotations
 
 import logging
@@ -47,15 +48,16 @@ class ModelRegistry:
         providers = list(self.providers.values())
         results = os_queue()
         for i, provider in enumerate(providers):
-            start_os_thread(lambda i=i, p=provider: results.put((i, self._discover(p, refresh))),
-                            name=f"discover-{provider.key}")
+            start_os_thread(
+                lambda i=i, p=provider: results.put((i, self._discover(p, refresh))), name=f"discover-{provider.key}"
+            )
         found: dict[int, ProviderGroup] = {}
         while len(found) < len(providers):
             i, group = poll_get(results)
             found[i] = group
         groups = [found[i] for i in range(len(providers))]
         index: dict[str, tuple[Provider, ModelInfo]] = {}
-        for provider, group in zip(providers, groups):
+        for provider, group in zip(providers, groups, strict=True):
             for model in group.models:
                 if model.id in index:
                     log.warning("event=duplicate_model_id id=%s provider=%s", model.id, provider.key)

@@ -1,4 +1,5 @@
 """Model id → the provider that serves it, through the registry only (never by parsing the id)."""
+
 from __future__ import annotations
 
 from core.errors import ModelUnavailable

@@ -1,4 +1,5 @@
 """Builds the object graph once (settings → cache, providers, registry, router, store, chat)."""
+
 from __future__ import annotations
 
 import logging
@@ -67,12 +68,20 @@ def external_providers(settings: Settings) -> list[Provider]:
 
 def build_resource_manager(settings: Settings, ollama: Provider | None) -> ResourceManager:
     """The resource manager per settings, with its idle-TTL sweeper running when any TTL is set."""
-    ttl = {"chat": settings.ttl_chat_minutes * 60, "knowledge": settings.ttl_knowledge_minutes * 60,
-           "translation": settings.ttl_translation_minutes * 60}
-    manager = ResourceManager(settings.resource_policy, parse_bytes(settings.resource_budget),
-                              {k: v for k, v in ttl.items() if v > 0}, ollama=ollama,
-                              ollama_wait_s=settings.ollama_unload_wait)
+    ttl = {
+        "chat": settings.ttl_chat_minutes * 60,
+        "knowledge": settings.ttl_knowledge_minutes * 60,
+        "translation": settings.ttl_translation_minutes * 60,
+    }
+    manager = ResourceManager(
+        settings.resource_policy,
+        parse_bytes(settings.resource_budget),
+        {k: v for k, v in ttl.items() if v > 0},
+        ollama=ollama,
+        ollama_wait_s=settings.ollama_unload_wait,
+    )
     if manager.ttl_s:
+
         def sweep() -> None:
             while True:
                 time.sleep(IDLE_SWEEP_S)  # a green sleep under eventlet
@@ -80,6 +89,7 @@ def build_resource_manager(settings: Settings, ollama: Provider | None) -> Resou
                     manager.unload_idle()
                 except Exception:
                     log.exception("event=idle_sweep_failed")
+
         threading.Thread(target=sweep, name="idle-ttl", daemon=True).start()
     return manager
 
@@ -103,14 +113,17 @@ def build_services(settings: Settings, start_background: bool = True) -> Service
     services = Services(settings, cache, local, registry, router, store, chat, resources, knowledge, translation)
     try:  # downloads run in real OS threads, never on the eventlet hub
         services.downloads = DownloadManager.from_settings(
-            settings, spawn=lambda fn: start_os_thread(fn, name="model-download"))
+            settings, spawn=lambda fn: start_os_thread(fn, name="model-download")
+        )
     except SwitchboardError as exc:
         log.warning("event=downloads_disabled reason=%s", exc.message)
     if start_background and settings.prepare_bundled:
+
         def prepare() -> None:
             try:
                 local.prepare_bundled()
             except Exception:
                 pass  # already logged; the dropdown shows the reason
+
         start_os_thread(prepare, name="prepare-bundled")
     return services

@@ -3,6 +3,7 @@
 A `reset` does not delete anything: it moves the chat's context start past the existing messages,
 so they stay visible but are no longer sent to the model.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,22 +84,29 @@ class ChatStore:
 
     def create_chat(self, title: str, model: str) -> str:
         chat_id, now = new_id(), time.time()
-        self._run("INSERT INTO chats (id, title, model, created_at, updated_at) VALUES (?,?,?,?,?)",
-                  (chat_id, title[:80] or "New chat", model, now, now))
+        self._run(
+            "INSERT INTO chats (id, title, model, created_at, updated_at) VALUES (?,?,?,?,?)",
+            (chat_id, title[:80] or "New chat", model, now, now),
+        )
         return chat_id
 
     def chat_exists(self, chat_id: str) -> bool:
         return bool(self._run("SELECT 1 FROM chats WHERE id=?", (chat_id,)))
 
     def get_chat(self, chat_id: str) -> dict | None:
-        rows = self._run("SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.chat_id=c.id) AS message_count "
-                         "FROM chats c WHERE c.id=?", (chat_id,))
+        rows = self._run(
+            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.chat_id=c.id) AS message_count "
+            "FROM chats c WHERE c.id=?",
+            (chat_id,),
+        )
         return dict(rows[0]) if rows else None
 
     def list_chats(self) -> list[dict]:
-        rows = self._run("SELECT c.id, c.title, c.model, c.created_at, c.updated_at, "
-                         "(SELECT COUNT(*) FROM messages m WHERE m.chat_id=c.id) AS message_count "
-                         "FROM chats c ORDER BY c.updated_at DESC")
+        rows = self._run(
+            "SELECT c.id, c.title, c.model, c.created_at, c.updated_at, "
+            "(SELECT COUNT(*) FROM messages m WHERE m.chat_id=c.id) AS message_count "
+            "FROM chats c ORDER BY c.updated_at DESC"
+        )
         return [dict(r) for r in rows]
 
     def delete_chat(self, chat_id: str) -> bool:
@@ -109,36 +117,63 @@ class ChatStore:
             self._db.execute("COMMIT")
         return bool(deleted)
 
-    def add_message(self, chat_id: str, role: str, content: str, model: str | None, status: str,
-                    message_id: str | None = None) -> str:
+    def add_message(
+        self, chat_id: str, role: str, content: str, model: str | None, status: str, message_id: str | None = None
+    ) -> str:
         """Append a message at the chat's next sequence number and bump the chat's update time."""
         message_id, now = message_id or new_id(), time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE chat_id=?",
-                                       (chat_id,)).fetchone()[0]
+                seq = self._db.execute(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE chat_id=?", (chat_id,)
+                ).fetchone()[0]
                 self._db.execute(
                     "INSERT INTO messages (id, chat_id, seq, role, content, model, status, created_at) "
-                    "VALUES (?,?,?,?,?,?,?,?)", (message_id, chat_id, seq, role, content, model, status, now))
-                self._db.execute("UPDATE chats SET updated_at=?, model=COALESCE(?, model) WHERE id=?",
-                                 (now, model, chat_id))
+                    "VALUES (?,?,?,?,?,?,?,?)",
+                    (message_id, chat_id, seq, role, content, model, status, now),
+                )
+                self._db.execute(
+                    "UPDATE chats SET updated_at=?, model=COALESCE(?, model) WHERE id=?", (now, model, chat_id)
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return message_id
 
-    def finish_message(self, message_id: str, *, content: str, status: str, finish_reason: str | None = None,
-                       error_code: str | None = None, usage: dict | None = None, timings: dict | None = None,
-                       reasoning: str | None = None, citations: list[dict] | None = None) -> None:
+    def finish_message(
+        self,
+        message_id: str,
+        *,
+        content: str,
+        status: str,
+        finish_reason: str | None = None,
+        error_code: str | None = None,
+        usage: dict | None = None,
+        timings: dict | None = None,
+        reasoning: str | None = None,
+        citations: list[dict] | None = None,
+    ) -> None:
         """Store the final text and outcome of an assistant message (and the sources it was given)."""
         usage, timings = usage or {}, timings or {}
-        self._run("UPDATE messages SET content=?, status=?, finish_reason=?, error_code=?, prompt_tokens=?, "
-                  "completion_tokens=?, ttft_ms=?, tokens_per_s=?, reasoning=?, citations=? WHERE id=?",
-                  (content, status, finish_reason, error_code, usage.get("prompt_tokens"),
-                   usage.get("completion_tokens"), timings.get("ttft_ms"), timings.get("tokens_per_s"),
-                   reasoning, None if citations is None else json.dumps(citations), message_id))
+        self._run(
+            "UPDATE messages SET content=?, status=?, finish_reason=?, error_code=?, prompt_tokens=?, "
+            "completion_tokens=?, ttft_ms=?, tokens_per_s=?, reasoning=?, citations=? WHERE id=?",
+            (
+                content,
+                status,
+                finish_reason,
+                error_code,
+                usage.get("prompt_tokens"),
+                usage.get("completion_tokens"),
+                timings.get("ttft_ms"),
+                timings.get("tokens_per_s"),
+                reasoning,
+                None if citations is None else json.dumps(citations),
+                message_id,
+            ),
+        )
 
     def messages(self, chat_id: str) -> list[dict]:
         """Every message of a chat in order, each marked with whether it is still in the context."""
@@ -155,12 +190,14 @@ class ChatStore:
 
     def context_messages(self, chat_id: str) -> list[dict]:
         """Messages the model should see: after the last reset, without failed or empty answers."""
-        return [m for m in self.messages(chat_id)
-                if m["in_context"] and m["content"] and m["status"] != "error"]
+        return [m for m in self.messages(chat_id) if m["in_context"] and m["content"] and m["status"] != "error"]
 
     def reset_context(self, chat_id: str) -> None:
-        self._run("UPDATE chats SET context_from=(SELECT COALESCE(MAX(seq), 0) FROM messages WHERE chat_id=?), "
-                  "updated_at=? WHERE id=?", (chat_id, time.time(), chat_id))
+        self._run(
+            "UPDATE chats SET context_from=(SELECT COALESCE(MAX(seq), 0) FROM messages WHERE chat_id=?), "
+            "updated_at=? WHERE id=?",
+            (chat_id, time.time(), chat_id),
+        )
 
     def mark_interrupted(self) -> int:
         """After a crash, answers left 'streaming' are stored as incomplete."""

@@ -8,15 +8,17 @@ Engines: by default a chat model with a translation prompt (for a local model, t
 chat uses: `LocalProvider.engine_for`), or a dedicated seq2seq model (`translation.engine = "seq2seq"`).
 A local model takes turns with chat streams on the same model (ChatService's admission queue).
 """
+
 from __future__ import annotations
 
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from core.admission import Admission
 from core.concurrency import os_event, os_lock, os_queue, poll_get, start_os_thread
@@ -33,14 +35,51 @@ log = logging.getLogger(__name__)
 
 #: ISO 639-1 codes (plus a few regional variants) that the page offers and the API accepts.
 LANGUAGES: dict[str, str] = {
-    "ar": "Arabic", "bg": "Bulgarian", "ca": "Catalan", "cs": "Czech", "da": "Danish", "de": "German",
-    "el": "Greek", "en": "English", "es": "Spanish", "et": "Estonian", "fa": "Persian", "fi": "Finnish",
-    "fr": "French", "ga": "Irish", "he": "Hebrew", "hi": "Hindi", "hr": "Croatian", "hu": "Hungarian",
-    "id": "Indonesian", "is": "Icelandic", "it": "Italian", "ja": "Japanese", "ko": "Korean",
-    "lt": "Lithuanian", "lv": "Latvian", "ms": "Malay", "nl": "Dutch", "no": "Norwegian", "pl": "Polish",
-    "pt": "Portuguese", "pt-br": "Brazilian Portuguese", "ro": "Romanian", "ru": "Russian", "sk": "Slovak",
-    "sl": "Slovenian", "sr": "Serbian", "sv": "Swedish", "sw": "Swahili", "th": "Thai", "tr": "Turkish",
-    "uk": "Ukrainian", "ur": "Urdu", "vi": "Vietnamese", "zh": "Chinese", "zh-tw": "Traditional Chinese",
+    "ar": "Arabic",
+    "bg": "Bulgarian",
+    "ca": "Catalan",
+    "cs": "Czech",
+    "da": "Danish",
+    "de": "German",
+    "el": "Greek",
+    "en": "English",
+    "es": "Spanish",
+    "et": "Estonian",
+    "fa": "Persian",
+    "fi": "Finnish",
+    "fr": "French",
+    "ga": "Irish",
+    "he": "Hebrew",
+    "hi": "Hindi",
+    "hr": "Croatian",
+    "hu": "Hungarian",
+    "id": "Indonesian",
+    "is": "Icelandic",
+    "it": "Italian",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "lt": "Lithuanian",
+    "lv": "Latvian",
+    "ms": "Malay",
+    "nl": "Dutch",
+    "no": "Norwegian",
+    "pl": "Polish",
+    "pt": "Portuguese",
+    "pt-br": "Brazilian Portuguese",
+    "ro": "Romanian",
+    "ru": "Russian",
+    "sk": "Slovak",
+    "sl": "Slovenian",
+    "sr": "Serbian",
+    "sv": "Swedish",
+    "sw": "Swahili",
+    "th": "Thai",
+    "tr": "Turkish",
+    "uk": "Ukrainian",
+    "ur": "Urdu",
+    "vi": "Vietnamese",
+    "zh": "Chinese",
+    "zh-tw": "Traditional Chinese",
 }
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -71,8 +110,9 @@ def language(value: Any, name: str, required: bool) -> str | None:
         raise BadRequest(f"{name} must be a language code string such as 'fr'")
     code = value.strip().lower().replace("_", "-")
     if code not in LANGUAGES:
-        raise UnknownLanguage(f"{name} {value!r} is not a known language code; use one of "
-                              f"{', '.join(sorted(LANGUAGES))}")
+        raise UnknownLanguage(
+            f"{name} {value!r} is not a known language code; use one of {', '.join(sorted(LANGUAGES))}"
+        )
     return code
 
 
@@ -89,7 +129,7 @@ class TranslationJob:
     options: ChatOptions
     admission_key: str | None = None
     limit: int | None = None
-    claim: Callable[[], Any] = nullcontext   # the resource lease held while translating
+    claim: Callable[[], Any] = nullcontext  # the resource lease held while translating
     cancel: Any = field(default_factory=os_event)
     error: SwitchboardError | None = None
 
@@ -100,8 +140,9 @@ class TranslationJob:
 class TranslationService:
     """Validates requests, owns the seq2seq engine (if configured) and streams translations."""
 
-    def __init__(self, settings: Settings, router: Router, local: Any, admission: Admission | None = None,
-                 resources: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, router: Router, local: Any, admission: Admission | None = None, resources: Any = None
+    ) -> None:
         self.settings = settings
         self.resources = resources
         self.router = router
@@ -160,8 +201,9 @@ class TranslationService:
             if not text.strip():
                 raise EmptyContent("empty text: nothing to translate")
             if len(text) > self.settings.translation_max_chars:
-                raise TooLong(f"text is {len(text)} characters; the translation limit is "
-                              f"{self.settings.translation_max_chars}")
+                raise TooLong(
+                    f"text is {len(text)} characters; the translation limit is {self.settings.translation_max_chars}"
+                )
             target = language(payload.get("target"), "target", required=True)
             source = language(payload.get("source"), "source", required=False)
             if source == target:
@@ -184,22 +226,33 @@ class TranslationService:
         # other languages take more tokens than English), so a babbling model stops early.
         return ChatOptions(max_new_tokens=max(32, min(2048, len(text) // 2 + 24)), temperature=0.0, top_p=1.0)
 
-    def _plan(self, request_id: str, text: str, source: str | None, target: str,
-              model_id: str | None) -> TranslationJob:
+    def _plan(
+        self, request_id: str, text: str, source: str | None, target: str, model_id: str | None
+    ) -> TranslationJob:
         options = self._options(text)
         if model_id is None and self.seq2seq is not None:
             engine = self.seq2seq
             if engine.target and target != engine.target or engine.source and source not in (None, engine.source):
                 raise UnsupportedLanguagePair(
                     f"the translation model {engine.model_id} translates {engine.source or '?'} → "
-                    f"{engine.target or '?'}; it cannot translate {source or 'auto'} → {target}")
+                    f"{engine.target or '?'}; it cannot translate {source or 'auto'} → {target}"
+                )
 
             def run_seq2seq(opts: ChatOptions, cancel: Any, result: StreamResult) -> Iterator[str]:
                 return engine.translate(text, source, target, opts, cancel, result)
 
-            return TranslationJob(request_id, text, source, target, f"seq2seq:{engine.model_id}", run_seq2seq,
-                                  options, f"translation:{engine.model_id}", 1,
-                                  claim=lambda: self._claim(engine, "translation", request_id))
+            return TranslationJob(
+                request_id,
+                text,
+                source,
+                target,
+                f"seq2seq:{engine.model_id}",
+                run_seq2seq,
+                options,
+                f"translation:{engine.model_id}",
+                1,
+                claim=lambda: self._claim(engine, "translation", request_id),
+            )
         provider, model = self.router.route(model_id or self.default_model_id())
         messages = translation_messages(text, LANGUAGES[source] if source else None, LANGUAGES[target])
 
@@ -216,8 +269,18 @@ class TranslationService:
             self.resources.track(engine, "translation")  # the chat engine's slot gains the translation role
             return self._claim(engine, "chat", request_id)  # a chat model runs under the chat switching policy
 
-        return TranslationJob(request_id, text, source, target, model.id, run_chat, options,
-                              model.id, provider.max_concurrency, claim=claim)
+        return TranslationJob(
+            request_id,
+            text,
+            source,
+            target,
+            model.id,
+            run_chat,
+            options,
+            model.id,
+            provider.max_concurrency,
+            claim=claim,
+        )
 
     def _claim(self, engine: Engine, role: str, request_id: str) -> Any:
         if self.resources is None:
@@ -254,9 +317,13 @@ class TranslationService:
         parts: list[str] = []
         started = time.perf_counter()
         try:
-            admitted = self.admission.acquire(job.admission_key or job.model_id, job.limit, job, job.cancel.is_set,
-                                              lambda pos: sink.emit("translation_queued",
-                                                                    {"request_id": job.request_id, "position": pos}))
+            admitted = self.admission.acquire(
+                job.admission_key or job.model_id,
+                job.limit,
+                job,
+                job.cancel.is_set,
+                lambda pos: sink.emit("translation_queued", {"request_id": job.request_id, "position": pos}),
+            )
             result = StreamResult(finish_reason="cancelled")
             if admitted:
                 try:
@@ -269,12 +336,24 @@ class TranslationService:
                     self.admission.release(job.admission_key or job.model_id, job.limit)
             if job.cancel.is_set():
                 result.finish_reason = "cancelled"
-            done = {**job.summary(), "text": "".join(parts).strip(), "finish_reason": result.finish_reason,
-                    "usage": result.usage.to_dict(), "ms": round((time.perf_counter() - started) * 1000, 1)}
+            done = {
+                **job.summary(),
+                "text": "".join(parts).strip(),
+                "finish_reason": result.finish_reason,
+                "usage": result.usage.to_dict(),
+                "ms": round((time.perf_counter() - started) * 1000, 1),
+            }
             sink.emit("translation_done", done)
-            log.info("event=translation_done request=%s model=%s target=%s finish=%s chars_in=%d chars_out=%d ms=%s",
-                     job.request_id, job.model_id, job.target, result.finish_reason, len(job.text),
-                     len(done["text"]), done["ms"])
+            log.info(
+                "event=translation_done request=%s model=%s target=%s finish=%s chars_in=%d chars_out=%d ms=%s",
+                job.request_id,
+                job.model_id,
+                job.target,
+                result.finish_reason,
+                len(job.text),
+                len(done["text"]),
+                done["ms"],
+            )
             return done
         except SwitchboardError as exc:
             self._fail(job, sink, exc)
@@ -288,8 +367,13 @@ class TranslationService:
         return None
 
     def _fail(self, job: TranslationJob, sink: Any, exc: SwitchboardError) -> None:
-        log.error("event=translation_error request=%s model=%s code=%s message=%s", job.request_id, job.model_id,
-                  exc.code, exc.message)
+        log.error(
+            "event=translation_error request=%s model=%s code=%s message=%s",
+            job.request_id,
+            job.model_id,
+            exc.code,
+            exc.message,
+        )
         job.error = exc
         sink.emit("error", {"request_id": job.request_id, **exc.to_dict()})
 

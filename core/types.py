@@ -1,4 +1,5 @@
 """Plain data shapes shared by providers, the chat service and the wire layer."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ class ChatOptions:
     stop: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, raw: Any, defaults: "ChatOptions | None" = None) -> "ChatOptions":
+    def from_dict(cls, raw: Any, defaults: ChatOptions | None = None) -> ChatOptions:
         """Validate a client's `options` object; unknown keys and wrong types are a bad_request."""
         base = defaults or cls()
         if raw is None:
@@ -77,11 +78,11 @@ class ModelInfo:
 
     id: str
     name: str
-    provider: str            # provider kind: "local" | "ollama" | "openai"
-    connection: str          # provider instance key, e.g. "local", "ollama", "openai:deepseek"
+    provider: str  # provider kind: "local" | "ollama" | "openai"
+    connection: str  # provider instance key, e.g. "local", "ollama", "openai:deepseek"
     native_name: str
     available: bool = True
-    reason: str | None = None   # why not available / what state it is in
+    reason: str | None = None  # why not available / what state it is in
     context_length: int = 4096
     details: dict = field(default_factory=dict)
 
@@ -103,5 +104,5 @@ class ModelInfo:
 class StreamResult:
     """What a finished generation reports after its last delta."""
 
-    finish_reason: str = "stop"      # stop | length | cancelled
+    finish_reason: str = "stop"  # stop | length | cancelled
     usage: Usage = field(default_factory=Usage)

@@ -1,4 +1,5 @@
 """Shared fixtures: the bundled model converted once per machine, and real server processes."""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,9 @@ import pytest
 from tests.helpers import ServerProcess
 
 # Converting the bundled GGUF takes ~25 s; keep the result between runs (a fresh machine converts once).
-TEST_MODEL_DIR = Path(os.environ.get("SWITCHBOARD_TEST_MODEL_DIR",
-                                     Path.home() / ".cache" / "switchboard" / "test-models"))
+TEST_MODEL_DIR = Path(
+    os.environ.get("SWITCHBOARD_TEST_MODEL_DIR", Path.home() / ".cache" / "switchboard" / "test-models")
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:

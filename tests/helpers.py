@@ -1,4 +1,5 @@
 """Test helpers: a real server process on a free port, and a Socket.IO client that records events."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import engineio
 import requests
@@ -38,16 +40,32 @@ class ServerProcess:
         self.extra_args = args or []
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> "ServerProcess":
+    def start(self, timeout: float = 60) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MODEL_DIR": str(self.model_dir), "PYTHONUNBUFFERED": "1",
-               "OLLAMA_HOST": f"http://127.0.0.1:{free_port()}",  # nothing listens there unless a test says so
-               **self.extra_env}
+        env = {
+            **os.environ,
+            "MODEL_DIR": str(self.model_dir),
+            "PYTHONUNBUFFERED": "1",
+            "OLLAMA_HOST": f"http://127.0.0.1:{free_port()}",  # nothing listens there unless a test says so
+            **self.extra_env,
+        }
         env.pop("SWITCHBOARD_CONFIG", None) if "SWITCHBOARD_CONFIG" not in self.extra_env else None
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "run.py"), "--data-dir", str(self.data_dir), "--port", str(self.port),
-             *self.extra_args], cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                str(ROOT / "run.py"),
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                str(self.port),
+                *self.extra_args,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -79,7 +97,7 @@ class ServerProcess:
     def get(self, path: str, **kw: Any) -> requests.Response:
         return requests.get(self.url + path, timeout=kw.pop("timeout", 10), **kw)
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -125,6 +143,7 @@ class EventClient:
             with self.cond:
                 self.events.append((time.monotonic(), name, data))
                 self.cond.notify_all()
+
         return record
 
     def emit(self, event: str, data: Any = None) -> None:
@@ -145,13 +164,15 @@ class EventClient:
                 self.cond.wait(remaining)
 
     def wait_event(self, name: str, timeout: float = 120, start: int = 0, **match: Any) -> tuple:
-        return self.wait_for(lambda n, d: n == name and all((d or {}).get(k) == v for k, v in match.items()),
-                             timeout, start)
+        return self.wait_for(
+            lambda n, d: n == name and all((d or {}).get(k) == v for k, v in match.items()), timeout, start
+        )
 
     def wait_end(self, chat_id: str | None = None, timeout: float = 180) -> tuple:
         """Wait for the `done` or `error` that ends a chat's stream."""
-        return self.wait_for(lambda n, d: n in ("done", "error") and (chat_id is None or (d or {}).get("chat_id") == chat_id),
-                             timeout)
+        return self.wait_for(
+            lambda n, d: n in ("done", "error") and (chat_id is None or (d or {}).get("chat_id") == chat_id), timeout
+        )
 
     def of(self, name: str, chat_id: str | None = None) -> list[Any]:
         return [d for _, n, d in self.events if n == name and (chat_id is None or (d or {}).get("chat_id") == chat_id)]

@@ -1,5 +1,6 @@
 """The access token: REST, /v1, Socket.IO and the page each refuse a missing and a wrong token and
 accept the right one; the page, its static files and /healthz stay public; tokens are never logged."""
+
 from __future__ import annotations
 
 import secrets
@@ -19,8 +20,12 @@ CHROMIUM = "/usr/bin/chromium"
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("data"), model_dir, args=["--api-token", TOKEN],
-                       env={"SWITCHBOARD_PREPARE_BUNDLED": "0"}) as proc:
+    with ServerProcess(
+        tmp_path_factory.mktemp("data"),
+        model_dir,
+        args=["--api-token", TOKEN],
+        env={"SWITCHBOARD_PREPARE_BUNDLED": "0"},
+    ) as proc:
         yield proc
 
 
@@ -35,8 +40,11 @@ def test_page_static_files_and_health_stay_public(server):
 
 def test_rest_refuses_missing_and_wrong_tokens(server):
     for headers in ({}, bearer(WRONG), {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}):
-        for method, path, body in (("GET", "/api/chats", None), ("GET", "/api/models", None),
-                                   ("POST", "/api/chat", {"model": BUNDLED_ID, "content": "hi"})):
+        for method, path, body in (
+            ("GET", "/api/chats", None),
+            ("GET", "/api/models", None),
+            ("POST", "/api/chat", {"model": BUNDLED_ID, "content": "hi"}),
+        ):
             response = requests.request(method, server.url + path, json=body, headers=headers, timeout=10)
             assert response.status_code == 401, (path, headers)
             assert response.json()["error"]["code"] == "unauthorized"
@@ -48,8 +56,12 @@ def test_rest_refuses_missing_and_wrong_tokens(server):
 def test_v1_refuses_missing_and_wrong_tokens_in_openai_shape(server):
     missing = requests.get(server.url + "/v1/models", timeout=10)
     assert missing.status_code == 401
-    assert missing.json()["error"] == {"message": missing.json()["error"]["message"], "type": "authentication_error",
-                                       "param": None, "code": "unauthorized"}
+    assert missing.json()["error"] == {
+        "message": missing.json()["error"]["message"],
+        "type": "authentication_error",
+        "param": None,
+        "code": "unauthorized",
+    }
     with openai.OpenAI(base_url=server.url + "/v1", api_key=WRONG, max_retries=0) as wrong:
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
@@ -63,7 +75,7 @@ def test_socketio_refuses_missing_and_wrong_tokens(server):
     for kwargs in ({}, {"auth": {"token": WRONG}}, {"auth": {"token": ""}}, {"headers": bearer(WRONG)}):
         sio = socketio.Client(reconnection=False)
         reasons: list = []
-        sio.on("connect_error", lambda data=None: reasons.append(data))
+        sio.on("connect_error", lambda data=None, seen=reasons: seen.append(data))
         with pytest.raises(socketio.exceptions.ConnectionError):
             sio.connect(server.url, wait_timeout=10, **kwargs)
         assert reasons and "unauthorized" in str(reasons[0]), (kwargs, reasons)
@@ -88,8 +100,9 @@ def test_env_token_and_constant_time_check(tmp_path, monkeypatch, model_dir):
     from web_ui.auth import token_matches
 
     monkeypatch.setenv("SWITCHBOARD_API_TOKEN", TOKEN)
-    app = create_app({"data_dir": str(tmp_path), "model_dir": str(model_dir), "ollama_enabled": False},
-                     start_background=False)
+    app = create_app(
+        {"data_dir": str(tmp_path), "model_dir": str(model_dir), "ollama_enabled": False}, start_background=False
+    )
     try:
         client = app.test_client()
         assert client.get("/api/chats").status_code == 401
@@ -119,21 +132,26 @@ def test_page_asks_for_the_token_once_per_session(server):
 
             page.fill("#token-input", WRONG)
             page.click("#token-submit")
-            page.wait_for_function("document.querySelector('#token-dialog').open && document.querySelector("
-                                   "'#token-message').textContent.includes('not accepted')", timeout=15000)
+            page.wait_for_function(
+                "document.querySelector('#token-dialog').open && document.querySelector("
+                "'#token-message').textContent.includes('not accepted')",
+                timeout=15000,
+            )
             assert page.text_content("#conn-status").strip() != "connected"
 
             page.fill("#token-input", TOKEN)
             page.click("#token-submit")
-            page.wait_for_function("document.querySelector('#conn-status').textContent.trim() === 'connected'",
-                                   timeout=15000)
+            page.wait_for_function(
+                "document.querySelector('#conn-status').textContent.trim() === 'connected'", timeout=15000
+            )
             page.wait_for_function("document.querySelectorAll('#model-select optgroup').length > 0")
             assert not page.eval_on_selector("#token-dialog", "d => d.open")
             assert page.evaluate("sessionStorage.getItem('switchboard.token')") == TOKEN
 
-            page.reload()                              # kept for the session: not asked again
-            page.wait_for_function("document.querySelector('#conn-status').textContent.trim() === 'connected'",
-                                   timeout=15000)
+            page.reload()  # kept for the session: not asked again
+            page.wait_for_function(
+                "document.querySelector('#conn-status').textContent.trim() === 'connected'", timeout=15000
+            )
             page.wait_for_function("document.querySelectorAll('#model-select optgroup').length > 0")
             assert not page.eval_on_selector("#token-dialog", "d => d.open")
         finally:

@@ -1,4 +1,5 @@
 """The chat page in a real browser: Debian's Chromium driven by Playwright against a real server."""
+
 from __future__ import annotations
 
 import shutil
@@ -11,16 +12,22 @@ from tests.helpers import BUNDLED_ID, ServerProcess
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """A server whose default sampling is greedy: the page sends no options, and the France answer
     must not depend on the dice (the 135M model sometimes wanders at temperature 0.7)."""
-    with ServerProcess(tmp_path_factory.mktemp("browser"), model_dir,
-                       env={"SWITCHBOARD_TEMPERATURE": "0"}) as proc:
+    with ServerProcess(tmp_path_factory.mktemp("browser"), model_dir, env={"SWITCHBOARD_TEMPERATURE": "0"}) as proc:
         yield proc
 
 
@@ -44,8 +51,7 @@ def page(browser, server):
     page.on("request", lambda r: urlparse(r.url).hostname != "127.0.0.1" and page.foreign_requests.append(r.url))
     page.on("dialog", lambda d: d.accept())
     page.goto(server.url + "/")
-    page.wait_for_function("document.querySelector('#conn-status').textContent.trim() === 'connected'",
-                           timeout=15000)
+    page.wait_for_function("document.querySelector('#conn-status').textContent.trim() === 'connected'", timeout=15000)
     page.wait_for_function("document.querySelectorAll('#model-select optgroup').length > 0")
     yield page
     context.close()
@@ -66,8 +72,9 @@ def test_france_question_streams_paris_and_stop_and_reload(page):
     assert any("not downloaded" in text for text in disabled), disabled
 
     send(page, "What is the capital of France?")
-    page.wait_for_function("document.querySelector('#stop') && !document.querySelector('#stop').disabled",
-                           timeout=10000)
+    page.wait_for_function(
+        "document.querySelector('#stop') && !document.querySelector('#stop').disabled", timeout=10000
+    )
     wait_idle(page)
     answer = page.locator(".message.assistant .content").last.inner_text()
     assert "Paris" in answer
@@ -76,7 +83,9 @@ def test_france_question_streams_paris_and_stop_and_reload(page):
     send(page, "Write a very long story about a lighthouse keeper, at least 500 words.")
     page.wait_for_function(
         "(() => { const a = [...document.querySelectorAll('.message.assistant .content')].pop();"
-        " return a && a.textContent.length > 40; })()", timeout=120000)
+        " return a && a.textContent.length > 40; })()",
+        timeout=120000,
+    )
     page.click("#stop")
     wait_idle(page, 30000)
     last = page.locator(".message.assistant").last
@@ -84,8 +93,9 @@ def test_france_question_streams_paris_and_stop_and_reload(page):
 
     chat_id = page.evaluate("location.hash.slice(1)")
     page.reload()
-    page.wait_for_function(f"!!document.querySelector(\"#chat-list .chat-item[data-chat-id='{chat_id}']\")",
-                           timeout=15000)
+    page.wait_for_function(
+        f"!!document.querySelector(\"#chat-list .chat-item[data-chat-id='{chat_id}']\")", timeout=15000
+    )
     assert page.locator(f"#chat-list .chat-item[data-chat-id='{chat_id}']").count() == 1
     assert page.foreign_requests == []
 
@@ -93,7 +103,7 @@ def test_france_question_streams_paris_and_stop_and_reload(page):
 def test_html_in_a_message_is_shown_as_text_and_runs_nothing(page):
     page.select_option("#model-select", BUNDLED_ID)
     page.evaluate("window.__xss = undefined")
-    payload = "<img src=x onerror=alert(1)> <img src=y onerror=\"window.__xss=1\"> reply with one word"
+    payload = '<img src=x onerror=alert(1)> <img src=y onerror="window.__xss=1"> reply with one word'
     alerts = []
     page.on("dialog", lambda d: alerts.append(d.message))
     send(page, payload)
@@ -106,14 +116,17 @@ def test_html_in_a_message_is_shown_as_text_and_runs_nothing(page):
     assert alerts == []
 
 
-ZORBLAT = ("The Zorblat festival in the town of Quentaria is held every year on the ninth of Brumaire. "
-           "Its mascot is a purple walrus called Fenwick, and the winner of the pie contest gets a silver spoon.")
+ZORBLAT = (
+    "The Zorblat festival in the town of Quentaria is held every year on the ninth of Brumaire. "
+    "Its mascot is a purple walrus called Fenwick, and the winner of the pie contest gets a silver spoon."
+)
 
 
 def test_knowledge_upload_citations_survive_a_reload_and_translate(page):
     page.select_option("#model-select", BUNDLED_ID)
-    page.set_input_files("#kb-file", files=[{"name": "zorblat-festival.txt", "mimeType": "text/plain",
-                                             "buffer": ZORBLAT.encode()}])
+    page.set_input_files(
+        "#kb-file", files=[{"name": "zorblat-festival.txt", "mimeType": "text/plain", "buffer": ZORBLAT.encode()}]
+    )
     page.click("#kb-upload")
     page.wait_for_selector("#kb-list .kb-doc[data-status='ready']", timeout=120000)
     assert "zorblat-festival.txt" in page.locator("#kb-list").inner_text()
@@ -126,16 +139,22 @@ def test_knowledge_upload_citations_survive_a_reload_and_translate(page):
 
     chat_id = page.evaluate("location.hash.slice(1)")
     page.reload()
-    page.wait_for_function(f"location.hash.slice(1) === '{chat_id}' && "
-                           "document.querySelectorAll('.message.assistant').length > 0", timeout=15000)
+    page.wait_for_function(
+        f"location.hash.slice(1) === '{chat_id}' && document.querySelectorAll('.message.assistant').length > 0",
+        timeout=15000,
+    )
     page.wait_for_selector(".message.assistant .citations", timeout=10000)
-    assert "zorblat-festival.txt" in page.locator(".message.assistant .citations").last.inner_text(), \
+    assert "zorblat-festival.txt" in page.locator(".message.assistant .citations").last.inner_text(), (
         "citations are stored with the answer, not only sent live"
+    )
 
     page.fill("#tr-text", "Good morning, my friend.")
     page.select_option("#tr-target", "fr")
     page.click("#tr-go")
-    page.wait_for_function("document.querySelector('#tr-go').textContent === 'Translate' && "
-                           "document.querySelector('#tr-output').textContent.trim().length > 0", timeout=180000)
+    page.wait_for_function(
+        "document.querySelector('#tr-go').textContent === 'Translate' && "
+        "document.querySelector('#tr-output').textContent.trim().length > 0",
+        timeout=180000,
+    )
     assert "error" not in page.locator(".tr-status").inner_text()
     assert page.foreign_requests == []

@@ -1,11 +1,12 @@
 """Pure logic of the chat layer: option validation and context trimming by token count."""
+
 from __future__ import annotations
 
 import pytest
 
 from core.errors import BadRequest
-from core.providers.local import LocalProvider
 from core.models.cache import ModelCache
+from core.providers.local import LocalProvider
 from core.types import ChatOptions, Message, ModelInfo
 
 
@@ -13,8 +14,15 @@ def test_options_defaults_and_validation():
     base = ChatOptions(100, 0.5, 0.9)
     assert ChatOptions.from_dict(None, base) == base
     assert ChatOptions.from_dict({"max_tokens": 5, "stop": "x"}, base) == ChatOptions(5, 0.5, 0.9, ["x"])
-    for bad in ({"max_new_tokens": 0}, {"max_new_tokens": True}, {"temperature": 3}, {"top_p": 0},
-                {"stop": [1]}, {"unknown": 1}, "fast"):
+    for bad in (
+        {"max_new_tokens": 0},
+        {"max_new_tokens": True},
+        {"temperature": 3},
+        {"top_p": 0},
+        {"stop": [1]},
+        {"unknown": 1},
+        "fast",
+    ):
         with pytest.raises(BadRequest):
             ChatOptions.from_dict(bad, base)
 
@@ -27,8 +35,10 @@ def test_fit_context_drops_oldest_turns_by_real_token_count(model_dir):
     small = ModelInfo(**{**info.__dict__, "context_length": 120})
     history = [Message("system", "Be brief.")]
     for i in range(6):
-        history += [Message("user", f"question number {i} " + "word " * 10),
-                    Message("assistant", f"answer number {i} " + "word " * 10)]
+        history += [
+            Message("user", f"question number {i} " + "word " * 10),
+            Message("assistant", f"answer number {i} " + "word " * 10),
+        ]
     history.append(Message("user", "last question"))
     fitted = provider.fit_context(small, history, max_new_tokens=40)
     assert fitted[0] == history[0] and fitted[-1] == history[-1]
@@ -61,7 +71,7 @@ def test_a_loaded_model_is_served_without_disk_checks_and_its_use_is_recorded(mo
     provider = LocalProvider(cache)
     info = provider.list_models().models[0]
     assert provider.ready_engine(info) is None, "nothing is loaded yet"
-    engine = resolve_engine(provider, info)   # not loaded: resolved (and the files checked) in an OS thread
+    engine = resolve_engine(provider, info)  # not loaded: resolved (and the files checked) in an OS thread
     assert CountingCache.status_calls > 0
     engine.load()
     assert provider.ready_engine(info) is engine
@@ -69,8 +79,9 @@ def test_a_loaded_model_is_served_without_disk_checks_and_its_use_is_recorded(mo
     started = time.time()
     assert resolve_engine(provider, info) is engine and provider.engine_for(info) is engine
     pieces: list[str] = []
-    provider.push_chat(info, [Message("user", "Say hi.")], ChatOptions(4, 0.0, 1.0), os_event(), StreamResult(),
-                       pieces.append)
+    provider.push_chat(
+        info, [Message("user", "Say hi.")], ChatOptions(4, 0.0, 1.0), os_event(), StreamResult(), pieces.append
+    )
     assert pieces, "the model answered"
     assert CountingCache.status_calls == 0, "a loaded model needs no manifest read or stat per request"
     assert cache.last_used(info.native_name) >= int(started), "the answer is recorded as the model's last use"

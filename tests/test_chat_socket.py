@@ -1,4 +1,5 @@
 """The Socket.IO chat protocol against a real server process and the real bundled model."""
+
 from __future__ import annotations
 
 import time
@@ -113,20 +114,23 @@ def test_second_chat_on_a_streaming_chat_is_busy(server, client):
     assert len(server.get(f"/api/chats/{chat_id}").json()["messages"]) == before
 
 
-@pytest.mark.parametrize("payload, code", [
-    ({"model": BUNDLED_ID, "content": ""}, "empty_content"),
-    ({"model": BUNDLED_ID, "content": "   \n\t "}, "empty_content"),
-    ({"model": "local:nobody/nothing", "content": "hi"}, "model_not_found"),
-    ({"model": BUNDLED_ID, "content": "x" * 16001}, "too_long"),
-    ("just a string", "bad_request"),
-    (["a", "list"], "bad_request"),
-    ({"model": BUNDLED_ID, "content": 42}, "bad_request"),
-    ({"model": 7, "content": "hi"}, "bad_request"),
-    ({"model": BUNDLED_ID, "content": "hi", "options": {"temperature": "hot"}}, "bad_request"),
-    ({"model": BUNDLED_ID, "content": "hi", "options": {"colour": 1}}, "bad_request"),
-    ({"model": BUNDLED_ID, "content": "hi", "chat_id": "no-such-chat"}, "not_found"),
-    ({"model": "local:Qwen/Qwen2.5-0.5B-Instruct", "content": "hi"}, "model_unavailable"),
-])
+@pytest.mark.parametrize(
+    "payload, code",
+    [
+        ({"model": BUNDLED_ID, "content": ""}, "empty_content"),
+        ({"model": BUNDLED_ID, "content": "   \n\t "}, "empty_content"),
+        ({"model": "local:nobody/nothing", "content": "hi"}, "model_not_found"),
+        ({"model": BUNDLED_ID, "content": "x" * 16001}, "too_long"),
+        ("just a string", "bad_request"),
+        (["a", "list"], "bad_request"),
+        ({"model": BUNDLED_ID, "content": 42}, "bad_request"),
+        ({"model": 7, "content": "hi"}, "bad_request"),
+        ({"model": BUNDLED_ID, "content": "hi", "options": {"temperature": "hot"}}, "bad_request"),
+        ({"model": BUNDLED_ID, "content": "hi", "options": {"colour": 1}}, "bad_request"),
+        ({"model": BUNDLED_ID, "content": "hi", "chat_id": "no-such-chat"}, "not_found"),
+        ({"model": "local:Qwen/Qwen2.5-0.5B-Instruct", "content": "hi"}, "model_unavailable"),
+    ],
+)
 def test_bad_chat_input_is_rejected_and_nothing_stored(server, client, payload, code):
     chats_before = server.get("/api/chats").json()["chats"]
     start = len(client.events)
@@ -141,8 +145,9 @@ def test_bad_chat_input_is_rejected_and_nothing_stored(server, client, payload, 
     client.wait_event("models", start=start, timeout=10)
 
 
-@pytest.mark.parametrize("event, payload", [("stop", {"chat_id": "nope"}), ("reset", {"chat_id": "nope"}),
-                                            ("stop", "nope"), ("reset", None)])
+@pytest.mark.parametrize(
+    "event, payload", [("stop", {"chat_id": "nope"}), ("reset", {"chat_id": "nope"}), ("stop", "nope"), ("reset", None)]
+)
 def test_stop_and_reset_of_unknown_chat(client, event, payload):
     start = len(client.events)
     client.emit(event, payload)
@@ -217,8 +222,12 @@ def test_the_python_client_in_the_protocol_docs_works(server):
     section = doc.split("## A short Python client", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert "http://127.0.0.1:5000" in code
-    run = subprocess.run([sys.executable, "-c", code.replace("http://127.0.0.1:5000", server.url)],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", code.replace("http://127.0.0.1:5000", server.url)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     answer = next(line for line in run.stdout.splitlines() if line.startswith("answer:"))
     assert "Paris" in answer and "stop" in run.stdout, run.stdout

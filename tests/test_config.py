@@ -1,4 +1,5 @@
 """Settings: defaults < TOML < env < overrides; bad values are named; docs mirror every field."""
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -26,9 +27,11 @@ def test_precedence_defaults_file_env_cli(tmp_path):
 
 def test_config_file_from_env_and_connections(tmp_path):
     cfg = tmp_path / "other.toml"
-    cfg.write_text('[model_names.deepseek]\nname = "DeepSeek"\nbase_url = "https://api.deepseek.com/v1/"\n'
-                   'env = "DEEPSEEK_API_KEY"\nmodels = ["deepseek-chat"]\n'
-                   '[model_names.lan]\nbase_url = "http://127.0.0.1:9/v1"\n')
+    cfg.write_text(
+        '[model_names.deepseek]\nname = "DeepSeek"\nbase_url = "https://api.deepseek.com/v1/"\n'
+        'env = "DEEPSEEK_API_KEY"\nmodels = ["deepseek-chat"]\n'
+        '[model_names.lan]\nbase_url = "http://127.0.0.1:9/v1"\n'
+    )
     s = load_settings({"data_dir": str(tmp_path)}, environ={"SWITCHBOARD_CONFIG": str(cfg)})
     assert [(c.key, c.name, c.base_url, c.env, c.models) for c in s.connections] == [
         ("deepseek", "DeepSeek", "https://api.deepseek.com/v1", "DEEPSEEK_API_KEY", ["deepseek-chat"]),
@@ -36,13 +39,16 @@ def test_config_file_from_env_and_connections(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("[server]\nport = 'many'\n", "port"),
-    ("[server\nport = 1", "config file"),
-    ("[model_names.x]\nname = 'no url'\n", "base_url"),
-    ("[model_names.ollama]\nbase_url = 'http://x/v1'\n", "model_names.ollama"),
-    ("[model_names.'a b']\nbase_url = 'http://x/v1'\n", "a b"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[server]\nport = 'many'\n", "port"),
+        ("[server\nport = 1", "config file"),
+        ("[model_names.x]\nname = 'no url'\n", "base_url"),
+        ("[model_names.ollama]\nbase_url = 'http://x/v1'\n", "model_names.ollama"),
+        ("[model_names.'a b']\nbase_url = 'http://x/v1'\n", "a b"),
+    ],
+)
 def test_bad_config_is_named(tmp_path, text, needle):
     (tmp_path / "config.toml").write_text(text)
     with pytest.raises(BadRequest) as info:

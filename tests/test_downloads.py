@@ -1,4 +1,5 @@
 """Downloads against a real loopback hub: resume, fallback, sharing, integrity, bad input."""
+
 from __future__ import annotations
 
 import builtins
@@ -19,8 +20,7 @@ import pytest
 from core.errors import BadRequest, Busy, ModelNotFound
 from core.models import downloads
 from core.models.cache import INCOMPLETE, PARTIAL_DIR, READY, ModelCache
-from core.models.downloads import (DownloadCancelled, DownloadError, DownloadManager, StorageError,
-                                   select_files)
+from core.models.downloads import DownloadCancelled, DownloadError, DownloadManager, StorageError, select_files
 
 pytest.register_assert_rewrite("tests.peers.hub_fixtures")  # shared fixtures, see pytest_plugins
 from tests.peers.hub_fixtures import REPO, WEIGHTS, dead_endpoint, weights_size  # noqa: E402
@@ -61,6 +61,7 @@ def test_fresh_download_loads_and_generates_then_second_pull_transfers_nothing(h
     assert done[0]["model"] == REPO and done[0]["path"] == str(cache_root / REPO)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(cache_root / REPO)
     tokenizer = AutoTokenizer.from_pretrained(cache_root / REPO)
     inputs = tokenizer("w1 w2 w3", return_tensors="pt")
@@ -89,16 +90,34 @@ def test_dropped_connection_resumes_with_a_range_request(hub, cache_root, hub_ro
 
 def test_killed_download_process_resumes_after_restart(cache_root, hub_root, tmp_path):
     """`python -m core.models.cli models pull` is SIGKILLed mid-file; a second run resumes from the .part file."""
-    proc = subprocess.Popen([sys.executable, "tests/peers/hub_server.py", "--port", "0", "--root", str(hub_root)],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "tests/peers/hub_server.py", "--port", "0", "--root", str(hub_root)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = proc.stdout.readline().split()[1]
         control = lambda **body: _post(f"{url}/_control", body)  # noqa: E731
         control(throttle=300_000)
-        env = dict(os.environ, SWITCHBOARD_DATA_DIR=str(tmp_path / "data"), SWITCHBOARD_DOWNLOAD_RETRY_DELAY="0.05",
-                   HF_HUB_DISABLE_TELEMETRY="1")
-        cmd = [sys.executable, "-m", "core.models.cli", "--model-dir", str(cache_root), "models", "pull", REPO,
-               "--endpoint", url]
+        env = dict(
+            os.environ,
+            SWITCHBOARD_DATA_DIR=str(tmp_path / "data"),
+            SWITCHBOARD_DOWNLOAD_RETRY_DELAY="0.05",
+            HF_HUB_DISABLE_TELEMETRY="1",
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "core.models.cli",
+            "--model-dir",
+            str(cache_root),
+            "models",
+            "pull",
+            REPO,
+            "--endpoint",
+            url,
+        ]
         first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         part = cache_root / REPO / PARTIAL_DIR / f"{WEIGHTS}.part"
         deadline = time.monotonic() + 20
@@ -191,8 +210,22 @@ def test_presence_check_stays_fast(hub, cache_root):
         assert time.perf_counter() - started < 0.05
 
 
-@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "org/../../x", "org/..", "a/b/c", "org/na me",
-                                  "org/.hidden", "..", "", "org/", "org/x\x00y"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../escape",
+        "/etc/passwd",
+        "org/../../x",
+        "org/..",
+        "a/b/c",
+        "org/na me",
+        "org/.hidden",
+        "..",
+        "",
+        "org/",
+        "org/x\x00y",
+    ],
+)
 def test_bad_names_are_rejected_before_touching_disk_or_network(hub, cache_root, name):
     with pytest.raises(BadRequest):
         manager(cache_root, hub.url).start(name)
@@ -324,12 +357,26 @@ def test_a_file_changed_upstream_discards_the_stale_partial(hub, cache_root, hub
 
 
 def test_file_selection_prefers_safetensors():
-    names = ["config.json", "README.md", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-             "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json", "onnx/model.onnx",
-             "training_args.bin", "../evil.json"]
+    names = [
+        "config.json",
+        "README.md",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "tokenizer.json",
+        "onnx/model.onnx",
+        "training_args.bin",
+        "../evil.json",
+    ]
     chosen = dict(select_files("o/n", names))
-    assert set(chosen) == {"config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                           "model.safetensors.index.json", "tokenizer.json"}
+    assert set(chosen) == {
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+    }
     assert chosen["config.json"] and not chosen["tokenizer.json"]
     fallback = dict(select_files("o/n", ["config.json", "pytorch_model.bin", "training_args.bin", "tokenizer.json"]))
     assert set(fallback) == {"config.json", "pytorch_model.bin", "tokenizer.json"}
@@ -346,13 +393,16 @@ def test_the_hub_speaks_enough_for_huggingface_hub_itself(hub, tmp_path):
 
 def _post(url: str, body: dict) -> bytes:
     import urllib.request
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return resp.read()
 
 
 def _get(url: str) -> bytes:
     import urllib.request
+
     with urllib.request.urlopen(url, timeout=10) as resp:
         return resp.read()

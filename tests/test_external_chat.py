@@ -3,6 +3,7 @@
 Real peers on 127.0.0.1: `python -m llama_cpp.server` with the bundled GGUF, and the fake Ollama
 process built from Ollama's API docs.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,8 @@ pytestmark = pytest.mark.slow
 def write_config(data_dir, base_url: str, env: str = "LLAMA_TEST_KEY", models: str = "") -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "config.toml").write_text(
-        f'[model_names.llama]\nname = "llama.cpp"\nbase_url = "{base_url}"\nenv = "{env}"\n{models}')
+        f'[model_names.llama]\nname = "llama.cpp"\nbase_url = "{base_url}"\nenv = "{env}"\n{models}'
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,11 @@ def test_chat_moves_between_local_llamacpp_and_ollama_keeping_history(external_s
         assert name == "done"
         messages = external_server.get(f"/api/chats/{chat_id}").json()["messages"]
         assert [m["model"] for m in messages if m["role"] == "assistant"] == [
-            BUNDLED_ID, "llama:smollm2", "ollama:llama3:8b", BUNDLED_ID]
+            BUNDLED_ID,
+            "llama:smollm2",
+            "ollama:llama3:8b",
+            BUNDLED_ID,
+        ]
         assert all(m["status"] == "complete" for m in messages)
         # The last local answer saw the whole conversation, external turns included.
         assert done["usage"]["prompt_tokens"] > 90
@@ -137,8 +143,14 @@ def test_server_killed_mid_stream_keeps_partial_as_incomplete(make_server, tmp_p
         srv = make_server(data, env={"LLAMA_TEST_KEY": KEY})
         client = EventClient(srv.url)
         try:
-            client.emit("chat", {"model": "llama:smollm2", "content": "Write a very long story about a cat.",
-                                 "options": {"temperature": 0, "max_new_tokens": 400}})
+            client.emit(
+                "chat",
+                {
+                    "model": "llama:smollm2",
+                    "content": "Write a very long story about a cat.",
+                    "options": {"temperature": 0, "max_new_tokens": 400},
+                },
+            )
             client.wait_for(lambda n, d: n == "delta" and len(client.of("delta")) >= 5, timeout=120)
             doomed.kill()
             _, _, name, err = client.wait_end(timeout=60)
@@ -154,8 +166,7 @@ def test_ollama_down_then_up_and_errors(make_server, tmp_path):
     from tests.helpers import free_port
 
     port = free_port()
-    srv = make_server(tmp_path / "o", env={"OLLAMA_HOST": f"http://127.0.0.1:{port}",
-                                           "SWITCHBOARD_DISCOVERY_TTL": "0"})
+    srv = make_server(tmp_path / "o", env={"OLLAMA_HOST": f"http://127.0.0.1:{port}", "SWITCHBOARD_DISCOVERY_TTL": "0"})
     group = next(g for g in srv.get("/api/models").json()["groups"] if g["key"] == "ollama")
     assert group["available"] is False and f"Ollama not reachable at http://127.0.0.1:{port}" in group["reason"]
     proc = OllamaProcess.spawn(port=port, models=["llama3:8b"])

@@ -1,7 +1,9 @@
 """The knowledge engine: extraction, chunking, the index, retrieval quality with the real embedding
 model, and end to end through a real server with the local model and a real OpenAI-compatible server."""
+
 from __future__ import annotations
 
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -46,17 +48,20 @@ def add(service: KnowledgeService, name: str, data: bytes | str, notify=None) ->
 
 
 # -- extraction ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, data, code, status", [
-    ("empty.txt", b"", "empty_document", 400),
-    ("blank.md", b"  \n\t\n", "empty_document", 400),
-    ("tool.exe", b"MZ...", "unsupported_type", 415),
-    ("noext", b"text", "unsupported_type", 415),
-    ("big.txt", b"a" * (2 * MB + 1), "too_large", 413),
-    ("broken.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog", "unreadable_document", 422),
-    ("fake.pdf", b"just some text", "unreadable_document", 422),
-    ("binary.txt", b"\x00\x01\x02\xff\xfe\x00" * 10, "unreadable_document", 422),
-    ("images.pdf", make_pdf([""]), "empty_document", 400),
-])
+@pytest.mark.parametrize(
+    "name, data, code, status",
+    [
+        ("empty.txt", b"", "empty_document", 400),
+        ("blank.md", b"  \n\t\n", "empty_document", 400),
+        ("tool.exe", b"MZ...", "unsupported_type", 415),
+        ("noext", b"text", "unsupported_type", 415),
+        ("big.txt", b"a" * (2 * MB + 1), "too_large", 413),
+        ("broken.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog", "unreadable_document", 422),
+        ("fake.pdf", b"just some text", "unreadable_document", 422),
+        ("binary.txt", b"\x00\x01\x02\xff\xfe\x00" * 10, "unreadable_document", 422),
+        ("images.pdf", make_pdf([""]), "empty_document", 400),
+    ],
+)
 def test_bad_uploads_are_clear_errors(name, data, code, status):
     with pytest.raises(SwitchboardError) as info:
         extract(name, data, 2 * MB)
@@ -65,15 +70,17 @@ def test_bad_uploads_are_clear_errors(name, data, code, status):
 
 
 def test_extracts_text_markdown_html_and_pdf_pages():
-    html = b"<html><head><title>T</title><style>p{}</style></head><body><h1>Head</h1><p>One &amp; two</p>" \
-           b"<script>var secret = 1;</script><p>Three</p></body></html>"
+    html = (
+        b"<html><head><title>T</title><style>p{}</style></head><body><h1>Head</h1><p>One &amp; two</p>"
+        b"<script>var secret = 1;</script><p>Three</p></body></html>"
+    )
     text = extract("page.html", html, MB).text
     assert "One & two" in text and "Three" in text and "secret" not in text and "p{}" not in text
     assert extract("notes.md", "# Title\r\n\r\n\r\n\r\nBody \u00e9".encode(), MB).text == "# Title\n\nBody \u00e9"
     assert extract("latin.txt", "caf\u00e9".encode("cp1252"), MB).text == "caf\u00e9"
     pdf = extract("two.pdf", make_pdf(["First page words.", "Second page words."]), MB)
     assert pdf.kind == "pdf" and "First page" in pdf.text and "Second page" in pdf.text
-    assert pdf.page_starts[0] == 0 and pdf.text[pdf.page_starts[1]:].startswith("Second page")
+    assert pdf.page_starts[0] == 0 and pdf.text[pdf.page_starts[1] :].startswith("Second page")
     assert extract("../../etc/x.txt", b"x", MB).name == "x.txt"
 
 
@@ -84,9 +91,9 @@ def test_chunks_are_verbatim_bounded_and_overlap():
     chunks = chunk_text(text, regex_token_spans, chunk_tokens=60, overlap_tokens=15)
     assert len(chunks) > 5
     for c in chunks:
-        assert c.text == text[c.start:c.end]
+        assert c.text == text[c.start : c.end]
         assert c.tokens <= 60 and len(regex_token_spans([c.text])[0]) <= 60
-    for a, b in zip(chunks, chunks[1:]):
+    for a, b in zip(chunks, chunks[1:], strict=False):
         assert b.start < a.end, "consecutive chunks should overlap"
         assert b.end > a.end
     assert chunks[0].start == 0 and chunks[-1].end == len(text)
@@ -108,13 +115,23 @@ def test_a_sentence_longer_than_a_chunk_is_cut_at_token_boundaries(embedder):
 def test_index_writes_are_all_or_nothing(tmp_path):
     index = VectorIndex(tmp_path / "k.db", "m", 4)
     chunk = chunk_text("Alpha beta.", regex_token_spans)[0]
-    doc = {"id": "d1", "collection": "default", "name": "a.txt", "kind": "text", "sha256": "h1", "size_bytes": 3,
-           "chars": 3, "file": "d1.txt"}
+    doc = {
+        "id": "d1",
+        "collection": "default",
+        "name": "a.txt",
+        "kind": "text",
+        "sha256": "h1",
+        "size_bytes": 3,
+        "chars": 3,
+        "file": "d1.txt",
+    }
     vec = np.eye(4, dtype=np.float32)[:1]
     index.add_document(doc, [chunk], vec, [None])
-    with pytest.raises(Exception):  # the second chunk repeats (document_id, idx): the whole insert rolls back
-        index.add_document({**doc, "id": "d2", "sha256": "h2"}, [chunk, chunk], np.eye(4, dtype=np.float32)[:2],
-                           [None, None])
+    # The second chunk repeats (document_id, idx): the whole insert rolls back.
+    with pytest.raises(sqlite3.IntegrityError):
+        index.add_document(
+            {**doc, "id": "d2", "sha256": "h2"}, [chunk, chunk], np.eye(4, dtype=np.float32)[:2], [None, None]
+        )
     assert [d["id"] for d in index.list_documents()] == ["d1"]
     assert index.chunk_count() == 1
     hits = index.search(np.array([1, 0, 0, 0], dtype=np.float32), 3)
@@ -191,6 +208,7 @@ def test_deleting_a_document_while_it_indexes_cancels_it(tmp_path, embedder):
         events.append(event)
         if event["done"] and len([e for e in events if e["done"]]) == 1:
             service.delete(document["id"])  # after the first batch
+
     result = service.index_document(job, notify)
     assert result["status"] == "deleted" and events[-1]["status"] == "deleted"
     assert service.documents() == [] and service.index.chunk_count() == 0
@@ -205,8 +223,7 @@ def test_augment_builds_a_grounded_prompt_or_says_nothing_is_relevant(tmp_path, 
     question = "How long is Marrowdale blue cheese aged?"
     messages, sources = service.augment(history + [Message("user", question)], question, None, MODEL)
     assert messages[:2] == history and messages[-1].role == "user"
-    assert sources[0]["document"] == "marrow-cheese.md" and set(sources[0]) >= {"document", "chunk", "score",
-                                                                                  "excerpt"}
+    assert sources[0]["document"] == "marrow-cheese.md" and set(sources[0]) >= {"document", "chunk", "score", "excerpt"}
     assert "nine months" in messages[-1].content and question in messages[-1].content
     assert sources[0]["excerpt"] in messages[-1].content
     assert all(s["score"] >= service.settings.knowledge_min_score for s in sources)
@@ -239,8 +256,10 @@ def test_recall_at_3_on_the_evaluation_corpus(tmp_path, embedder):
 
 # -- end to end through a real server --------------------------------------------------------------
 FACT_DOC = "zorblat-festival.txt"
-FACT = ("The Zorblat festival in the town of Quentaria is held every year on the ninth of Brumaire. "
-        "Its mascot is a purple walrus called Fenwick, and the winner of the pie contest gets a silver spoon.")
+FACT = (
+    "The Zorblat festival in the town of Quentaria is held every year on the ninth of Brumaire. "
+    "Its mascot is a purple walrus called Fenwick, and the winner of the pie contest gets a silver spoon."
+)
 EVENTS = ("chat_started", "delta", "done", "error", "citations", "knowledge_progress")
 
 
@@ -257,8 +276,10 @@ def llama():
 @pytest.fixture(scope="module")
 def kserver(model_dir, llama, tmp_path_factory):
     data = tmp_path_factory.mktemp("kdata")
-    (data / "config.toml").write_text(f'[model_names.llamacpp]\nname = "llama.cpp"\nbase_url = "{llama.base_url}"\n'
-                                      'env = "NO_API_KEY"\nmodels = ["smollm2"]\n')
+    (data / "config.toml").write_text(
+        f'[model_names.llamacpp]\nname = "llama.cpp"\nbase_url = "{llama.base_url}"\n'
+        'env = "NO_API_KEY"\nmodels = ["smollm2"]\n'
+    )
     with ServerProcess(data, model_dir, env={"SWITCHBOARD_KNOWLEDGE_MAX_MB": "0.25"}) as proc:
         yield proc
 
@@ -271,14 +292,17 @@ def kclient(kserver):
 
 
 def upload(server: ServerProcess, name: str, data: bytes, wait: bool = True) -> requests.Response:
-    return requests.post(server.url + "/api/knowledge/documents" + ("?wait=1" if wait else ""),
-                         files={"file": (name, data)}, timeout=120)
+    return requests.post(
+        server.url + "/api/knowledge/documents" + ("?wait=1" if wait else ""), files={"file": (name, data)}, timeout=120
+    )
 
 
 def ask(client: EventClient, model: str, question: str) -> tuple[dict, dict]:
     start = len(client.events)
-    client.emit("chat", {"model": model, "content": question, "knowledge": True,
-                         "options": {"temperature": 0, "max_new_tokens": 16}})
+    client.emit(
+        "chat",
+        {"model": model, "content": question, "knowledge": True, "options": {"temperature": 0, "max_new_tokens": 16}},
+    )
     _, _, _, started = client.wait_event("chat_started", start=start, timeout=60)
     _, _, name, end = client.wait_end(started["chat_id"], timeout=180)
     assert name == "done", end
@@ -310,9 +334,12 @@ def test_uploaded_fact_is_cited_by_local_and_openai_compatible_models(kserver, k
 @pytest.mark.slow
 def test_bad_uploads_dedupe_and_delete_over_http(kserver):
     before = requests.get(kserver.url + "/api/knowledge/documents", timeout=10).json()["documents"]
-    cases = [("empty.txt", b"", 400, "empty_document"), ("x.exe", b"MZ", 415, "unsupported_type"),
-             ("broken.pdf", b"%PDF-1.7\n%broken", 422, "unreadable_document"),
-             ("big.txt", b"word " * 60000, 413, "too_large")]
+    cases = [
+        ("empty.txt", b"", 400, "empty_document"),
+        ("x.exe", b"MZ", 415, "unsupported_type"),
+        ("broken.pdf", b"%PDF-1.7\n%broken", 422, "unreadable_document"),
+        ("big.txt", b"word " * 60000, 413, "too_large"),
+    ]
     for name, data, status, code in cases:
         response = upload(kserver, name, data)
         assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text
@@ -337,15 +364,17 @@ def test_bad_uploads_dedupe_and_delete_over_http(kserver):
 
 @pytest.mark.slow
 def test_indexing_reports_progress_and_does_not_block_other_clients(kserver, kclient):
-    text = "\n".join(f"Entry {i}: the depot at kilometre {i} stores {i * 3} crates of lamp oil and rope."
-                     for i in range(800))
+    text = "\n".join(
+        f"Entry {i}: the depot at kilometre {i} stores {i * 3} crates of lamp oil and rope." for i in range(800)
+    )
     start = len(kclient.events)
     response = upload(kserver, "depots.txt", text.encode(), wait=False)
     assert response.status_code == 202, response.text
     doc_id = response.json()["document"]["id"]
     assert response.json()["document"]["status"] == "indexing"
-    kclient.wait_for(lambda n, d: n == "knowledge_progress" and d["document_id"] == doc_id and d["done"] > 0,
-                     timeout=60, start=start)
+    kclient.wait_for(
+        lambda n, d: n == "knowledge_progress" and d["document_id"] == doc_id and d["done"] > 0, timeout=60, start=start
+    )
     latencies = []
     while not any(d["status"] == "ready" for d in kclient.of("knowledge_progress") if d["document_id"] == doc_id):
         sent = time.monotonic()

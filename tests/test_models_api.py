@@ -1,5 +1,6 @@
 """The model manager through a real server: Socket.IO downloads with live progress, sharing, cancel,
 bad input, delete, and a chat with the model just downloaded (all against a loopback hub)."""
+
 from __future__ import annotations
 
 import shutil
@@ -18,8 +19,14 @@ pytest_plugins = ["tests.peers.hub_fixtures"]  # tiny_model
 
 SHARED, SLOW, PAGE = "test-org/tiny-shared", "test-org/tiny-slow", "test-org/tiny-page"
 MODEL_EVENTS = (*EVENTS, "download_progress", "download_done", "model_deleted")
-NEEDED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-          WEIGHTS)  # what the downloader fetches (README.md stays on the hub)
+NEEDED = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    WEIGHTS,
+)  # what the downloader fetches (README.md stays on the hub)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +43,13 @@ def hub(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def srv(hub: HubServer, tmp_path_factory: pytest.TempPathFactory):
-    env = {"SWITCHBOARD_HF_ENDPOINTS": hub.url, "HF_ENDPOINT": hub.url, "SWITCHBOARD_PREPARE_BUNDLED": "0",
-           "SWITCHBOARD_DOWNLOAD_RETRY_DELAY": "0.05", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {
+        "SWITCHBOARD_HF_ENDPOINTS": hub.url,
+        "HF_ENDPOINT": hub.url,
+        "SWITCHBOARD_PREPARE_BUNDLED": "0",
+        "SWITCHBOARD_DOWNLOAD_RETRY_DELAY": "0.05",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
     models = tmp_path_factory.mktemp("models")  # not the shared test model cache
     with ServerProcess(tmp_path_factory.mktemp("data"), models, env=env) as proc:
         yield proc
@@ -94,8 +106,9 @@ def test_download_streams_progress_to_every_page_then_the_model_chats(srv, hub, 
     assert listed["status"] == "ready" and listed["size_bytes"] >= total and not listed["downloading"]
     assert listed["path"] == str(srv.model_dir / REPO)
 
-    asker.emit("chat", {"model": f"local:{REPO}", "content": "w1 w2 w3",
-                        "options": {"temperature": 0, "max_new_tokens": 8}})
+    asker.emit(
+        "chat", {"model": f"local:{REPO}", "content": "w1 w2 w3", "options": {"temperature": 0, "max_new_tokens": 8}}
+    )
     _, _, name, end = asker.wait_end(timeout=60)
     assert name == "done", end
     assert "".join(d["content"] for d in asker.of("delta", end["chat_id"])).strip()
@@ -122,7 +135,8 @@ def test_two_clients_share_one_download(srv, hub, clients):
         assert len([d for d in client.of("download_done") if d["model"] == SHARED]) == 1
     weights = [e for e in hub.requests("GET", f"{SHARED}/resolve/") if e["path"].endswith(WEIGHTS)]
     assert len(weights) == 1 and hub.bytes_served(f"{SHARED}/resolve/") < 1.1 * sum(
-        (hub.root / SHARED / name).stat().st_size for name in NEEDED)  # one copy of the bytes
+        (hub.root / SHARED / name).stat().st_size for name in NEEDED
+    )  # one copy of the bytes
 
 
 def test_cancel_keeps_the_partial_and_delete_waits_for_the_download(srv, hub, clients):
@@ -181,6 +195,7 @@ def test_the_models_panel_downloads_cancels_resumes_and_deletes(srv, hub):
     from playwright.sync_api import sync_playwright
 
     from tests.test_browser import CHROMIUM, FLAGS
+
     if not Path(CHROMIUM).exists():
         pytest.skip("Chromium is not installed")
     hub.throttle = 300_000
@@ -206,11 +221,13 @@ def test_the_models_panel_downloads_cancels_resumes_and_deletes(srv, hub):
             hub.throttle = None
             page.click(f"{row} button:has-text('Resume')")
             page.wait_for_selector(f"{row} .st-ready", timeout=15000)
-            page.wait_for_function(f"document.querySelector('{option}') && !document.querySelector('{option}').disabled",
-                                   timeout=10000)  # the dropdown got the model without a reload
+            page.wait_for_function(
+                f"document.querySelector('{option}') && !document.querySelector('{option}').disabled", timeout=10000
+            )  # the dropdown got the model without a reload
             page.click(f"{row} button:has-text('Delete')")
-            page.wait_for_function(f"!document.querySelector('{row}') && !document.querySelector('{option}')",
-                                   timeout=10000)
+            page.wait_for_function(
+                f"!document.querySelector('{row}') && !document.querySelector('{option}')", timeout=10000
+            )
             assert dialogs and PAGE in dialogs[0] and not (srv.model_dir / PAGE).exists()
             browser.close()
     finally:

@@ -1,4 +1,5 @@
 """Every `models` / `cache` command and its exit code (docs/models.md), data on stdout, messages on stderr."""
+
 from __future__ import annotations
 
 import io
@@ -52,19 +53,22 @@ def test_pull_prints_the_path_and_a_second_pull_is_a_no_op(hub, cache_root, caps
     assert "already complete" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, code, message", [
-    (["models", "pull", "../../etc/passwd"], 2, "must look like"),
-    (["models", "pull", "org/../x"], 2, "must look like"),
-    (["models", "pull", "../x"], 2, "invalid"),
-    (["models", "pull", "/abs/path"], 2, "must look like"),
-    (["models", "pull", "test-org/missing"], 3, "not found"),
-    (["models", "pull", REPO, "--endpoint", "ftp://nowhere"], 2, "not an http(s) URL"),
-    (["models", "verify", "test-org/missing"], 3, "not in the cache"),
-    (["models", "verify", "org/.."], 2, "invalid"),
-    (["models", "rm", "test-org/missing", "--force"], 3, "not in the cache"),
-    (["models", "rm", "a/b/c", "--force"], 2, "must look like"),
-    (["cache", "clean", "test-org/missing", "--force"], 3, "not in the cache"),
-])
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["models", "pull", "../../etc/passwd"], 2, "must look like"),
+        (["models", "pull", "org/../x"], 2, "must look like"),
+        (["models", "pull", "../x"], 2, "invalid"),
+        (["models", "pull", "/abs/path"], 2, "must look like"),
+        (["models", "pull", "test-org/missing"], 3, "not found"),
+        (["models", "pull", REPO, "--endpoint", "ftp://nowhere"], 2, "not an http(s) URL"),
+        (["models", "verify", "test-org/missing"], 3, "not in the cache"),
+        (["models", "verify", "org/.."], 2, "invalid"),
+        (["models", "rm", "test-org/missing", "--force"], 3, "not in the cache"),
+        (["models", "rm", "a/b/c", "--force"], 2, "must look like"),
+        (["cache", "clean", "test-org/missing", "--force"], 3, "not in the cache"),
+    ],
+)
 def test_bad_input_and_unknown_models(hub, cache_root, capsys, argv, code, message):
     if argv[1] == "pull" and "--endpoint" not in argv:
         argv = [*argv, "--endpoint", hub.url]
@@ -87,9 +91,26 @@ def test_pull_no_wait_while_another_process_downloads_exits_4(hub, cache_root, t
     assert holder.try_acquire()
     try:
         env = dict(os.environ, SWITCHBOARD_DATA_DIR=str(tmp_path / "data"), HF_HUB_DISABLE_TELEMETRY="1")
-        proc = subprocess.run([sys.executable, "-m", "core.models.cli", "--model-dir", str(cache_root), "models",
-                               "pull", REPO, "--endpoint", hub.url, "--no-wait"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "core.models.cli",
+                "--model-dir",
+                str(cache_root),
+                "models",
+                "pull",
+                REPO,
+                "--endpoint",
+                hub.url,
+                "--no-wait",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         holder.release()
     assert proc.returncode == 4 and "already downloading" in proc.stderr and proc.stdout == ""
@@ -196,9 +217,12 @@ def test_cache_clean_one_model(hub, cache_root, capsys):
 
 
 def test_cli_module_help_runs_without_heavy_imports():
-    code = ("import sys; from core.models import cli; "
-            "assert 'torch' not in sys.modules and 'huggingface_hub' not in sys.modules")
+    code = (
+        "import sys; from core.models import cli; "
+        "assert 'torch' not in sys.modules and 'huggingface_hub' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
-    proc = subprocess.run([sys.executable, "-m", "core.models.cli", "models"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "core.models.cli", "models"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "usage" in proc.stderr

@@ -1,4 +1,5 @@
 """OllamaProvider against the fake Ollama run as a real process on 127.0.0.1 (no mocks)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,15 @@ def server_log(server, path: str | None = None) -> list[dict]:
 
 
 def make_provider(url: str, **overrides) -> OllamaProvider:
-    settings = dataclasses.replace(Settings(), ollama_host=url, connect_timeout=2.0, first_token_timeout=5.0,
-                                   idle_timeout=5.0, discovery_ttl=5.0, ollama_keep_alive="5m")
+    settings = dataclasses.replace(
+        Settings(),
+        ollama_host=url,
+        connect_timeout=2.0,
+        first_token_timeout=5.0,
+        idle_timeout=5.0,
+        discovery_ttl=5.0,
+        ollama_keep_alive="5m",
+    )
     return OllamaProvider(dataclasses.replace(settings, **overrides))
 
 
@@ -69,8 +77,9 @@ def chat(provider, model, text="What is the capital of France?", options=None, c
     """Run a stream to its end; returns (deltas, result, error)."""
     result, deltas = StreamResult(), []
     try:
-        for delta in provider.stream_chat(model, [Message("user", text)], options or ChatOptions(),
-                                          cancel or threading.Event(), result):
+        for delta in provider.stream_chat(
+            model, [Message("user", text)], options or ChatOptions(), cancel or threading.Event(), result
+        ):
             deltas.append(delta)
     except Exception as exc:  # noqa: BLE001 - the caller asserts on it
         return deltas, result, exc
@@ -109,8 +118,9 @@ def test_down_then_up_after_refresh():
     group = provider.list_models()
     assert not group.available and group.models == []
     assert group.reason == f"Ollama not reachable at {url}"
-    dead = ModelInfo(id="ollama:llama3:8b", name="llama3:8b", provider="ollama", connection="ollama",
-                     native_name="llama3:8b")
+    dead = ModelInfo(
+        id="ollama:llama3:8b", name="llama3:8b", provider="ollama", connection="ollama", native_name="llama3:8b"
+    )
     _, _, err = chat(provider, dead)
     assert isinstance(err, ProviderUnreachable) and "ollama serve" in err.message
     assert provider.loaded_models() == []
@@ -154,8 +164,11 @@ def test_a_thinking_models_trace_comes_as_reasoning_not_answer():
         sent = server_log(proc, "/api/chat")[-1]["json"]
         assert "think" not in sent, "the model's own default decides; older Ollama would refuse the field"
         # The fake follows Ollama: asking a model that cannot think to think is a 400.
-        refused = requests.post(proc.url + "/api/chat", json={"model": "llama3:8b", "think": True, "messages": [
-            {"role": "user", "content": "hi"}]}, timeout=5)
+        refused = requests.post(
+            proc.url + "/api/chat",
+            json={"model": "llama3:8b", "think": True, "messages": [{"role": "user", "content": "hi"}]},
+            timeout=5,
+        )
         assert refused.status_code == 400 and "does not support thinking" in refused.json()["error"]
     finally:
         proc.stop()
@@ -199,8 +212,9 @@ def test_server_error_is_provider_error(server):
 
 def test_unknown_model_is_model_not_found(server):
     provider = make_provider(server.url)
-    ghost = ModelInfo(id="ollama:ghost:1b", name="ghost:1b", provider="ollama", connection="ollama",
-                      native_name="ghost:1b")
+    ghost = ModelInfo(
+        id="ollama:ghost:1b", name="ghost:1b", provider="ollama", connection="ollama", native_name="ghost:1b"
+    )
     _, _, err = chat(provider, ghost)
     assert isinstance(err, ModelNotFound)
     assert 'model "ghost:1b" not found' in err.message
@@ -322,18 +336,33 @@ def test_fake_server_basics(server):
     assert "version" in requests.get(server.url + "/api/version", timeout=5).json()
     bad = requests.post(server.url + "/api/chat", data="{nope", timeout=5)
     assert bad.status_code == 400 and "error" in bad.json()
-    string_keep = requests.post(server.url + "/api/chat", timeout=5, json={
-        "model": "llama3:8b", "messages": [{"role": "user", "content": "hi"}], "keep_alive": "-1"})
+    string_keep = requests.post(
+        server.url + "/api/chat",
+        timeout=5,
+        json={"model": "llama3:8b", "messages": [{"role": "user", "content": "hi"}], "keep_alive": "-1"},
+    )
     assert string_keep.status_code == 400 and "missing unit" in string_keep.json()["error"]
-    one = requests.post(server.url + "/api/chat", timeout=5, json={
-        "model": "llama3", "stream": False, "messages": [{"role": "user", "content": "capital of France?"}]})
+    one = requests.post(
+        server.url + "/api/chat",
+        timeout=5,
+        json={"model": "llama3", "stream": False, "messages": [{"role": "user", "content": "capital of France?"}]},
+    )
     assert one.status_code == 404  # "llama3" means llama3:latest, which is not installed
-    one = requests.post(server.url + "/api/chat", timeout=5, json={
-        "model": "llama3:8b", "stream": False, "messages": [{"role": "user", "content": "capital of France?"}]})
+    one = requests.post(
+        server.url + "/api/chat",
+        timeout=5,
+        json={"model": "llama3:8b", "stream": False, "messages": [{"role": "user", "content": "capital of France?"}]},
+    )
     data = one.json()
     assert data["message"]["content"] == PARIS and data["done"] and data["done_reason"] == "stop"
-    for key in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
-                "eval_count", "eval_duration"):
+    for key in (
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_count",
+        "eval_duration",
+    ):
         assert isinstance(data[key], int)
     load = requests.post(server.url + "/api/generate", json={"model": "llama3:8b"}, timeout=5).json()
     assert load["done_reason"] == "load"

@@ -1,5 +1,6 @@
 """Switchboard's OpenAI-compatible /v1 API, used by the official openai SDK against a real server process:
 the bundled local model, an Ollama model through the fake Ollama, and OpenAI-shaped errors."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,10 @@ def server(model_dir, tmp_path_factory, ollama):
 @pytest.fixture
 def fake(ollama):
     """The fake Ollama's test controls; its faults are cleared after each test."""
+
     def configure(**config) -> None:
         requests.post(ollama.url + "/_test/config", json=config, timeout=5).raise_for_status()
+
     yield configure
     requests.post(ollama.url + "/_test/reset", timeout=5).raise_for_status()
 
@@ -77,8 +80,14 @@ def test_bundled_model_non_streamed_says_paris(client):
 
 @pytest.mark.slow
 def test_bundled_model_streamed_says_paris_with_usage_last(client):
-    stream = client.chat.completions.create(model=BUNDLED_ID, messages=FRANCE, temperature=0, max_tokens=48,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=BUNDLED_ID,
+        messages=FRANCE,
+        temperature=0,
+        max_tokens=48,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -93,14 +102,23 @@ def test_bundled_model_streamed_says_paris_with_usage_last(client):
 
 
 def test_ollama_model_streamed_and_not(client, ollama):
-    completion = client.chat.completions.create(model=OLLAMA_ID, messages=FRANCE, temperature=0, max_tokens=32,
-                                                stop=["zzz"])
+    completion = client.chat.completions.create(
+        model=OLLAMA_ID, messages=FRANCE, temperature=0, max_tokens=32, stop=["zzz"]
+    )
     assert completion.choices[0].message.content == "The capital of France is Paris."
-    stream = client.chat.completions.create(model=OLLAMA_ID, messages=[{"role": "developer", "content": "Be brief."},
-                                                                     *FRANCE], stream=True, temperature=0.5, top_p=0.9)
+    stream = client.chat.completions.create(
+        model=OLLAMA_ID,
+        messages=[{"role": "developer", "content": "Be brief."}, *FRANCE],
+        stream=True,
+        temperature=0.5,
+        top_p=0.9,
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "The capital of France is Paris."
-    sent = [r["json"] for r in requests.get(ollama.url + "/_test/log", timeout=5).json()["requests"]
-            if r["path"] == "/api/chat"][-2:]
+    sent = [
+        r["json"]
+        for r in requests.get(ollama.url + "/_test/log", timeout=5).json()["requests"]
+        if r["path"] == "/api/chat"
+    ][-2:]
     assert sent[0]["options"]["temperature"] == 0 and sent[0]["options"]["num_predict"] == 32
     assert sent[0]["options"]["stop"] == ["zzz"]
     assert sent[1]["messages"][0] == {"role": "system", "content": "Be brief."}
@@ -127,10 +145,12 @@ def test_bad_json_and_missing_messages_are_400(server, client):
     assert error_of(caught.value)["param"] == "messages"
     missing = requests.post(url, json={"model": BUNDLED_ID}, timeout=10)
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
-    for body, param in (({"model": BUNDLED_ID, "messages": FRANCE, "max_tokens": 0}, "max_tokens"),
-                        ({"model": BUNDLED_ID, "messages": FRANCE, "temperature": 7}, "temperature"),
-                        ({"messages": FRANCE}, "model"),
-                        ({"model": BUNDLED_ID, "messages": [{"role": "user", "content": "  "}]}, None)):
+    for body, param in (
+        ({"model": BUNDLED_ID, "messages": FRANCE, "max_tokens": 0}, "max_tokens"),
+        ({"model": BUNDLED_ID, "messages": FRANCE, "temperature": 7}, "temperature"),
+        ({"messages": FRANCE}, "model"),
+        ({"model": BUNDLED_ID, "messages": [{"role": "user", "content": "  "}]}, None),
+    ):
         response = requests.post(url, json=body, timeout=10)
         assert response.status_code == 400, body
         assert response.json()["error"]["param"] == param
@@ -144,7 +164,7 @@ def test_backend_failures_get_fitting_statuses(client, fake):
     assert error_of(caught.value)["code"] == "rate_limited"
     assert caught.value.response.headers["Retry-After"] == "7"
     fake(fail_status=500, retry_after=None)
-    for stream in (False, True):        # a streamed request that fails before its first token: an HTTP error too
+    for stream in (False, True):  # a streamed request that fails before its first token: an HTTP error too
         with pytest.raises(openai.InternalServerError) as caught:
             client.chat.completions.create(model=OLLAMA_ID, messages=FRANCE, stream=stream)
         assert caught.value.status_code == 502 and error_of(caught.value)["code"] == "provider_error"
@@ -167,7 +187,7 @@ def test_error_mid_stream_is_an_error_chunk(client, fake):
 
 def test_client_that_hangs_up_mid_stream_cancels_the_backend_request(server, ollama, fake):
     fake(chunk_delay_s=0.05)
-    long_text = " ".join(f"word{i}" for i in range(200))      # the fake echoes it: ~10 s of chunks
+    long_text = " ".join(f"word{i}" for i in range(200))  # the fake echoes it: ~10 s of chunks
     body = {"model": OLLAMA_ID, "messages": [{"role": "user", "content": long_text}], "stream": True}
     with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=30) as response:
         assert response.status_code == 200
@@ -183,8 +203,9 @@ def test_client_that_hangs_up_mid_stream_cancels_the_backend_request(server, oll
     hung_up = time.monotonic()
     deadline = hung_up + 5
     while time.monotonic() < deadline:
-        entry = [r for r in requests.get(ollama.url + "/_test/log", timeout=5).json()["requests"]
-                 if r["path"] == "/api/chat"][-1]
+        entry = [
+            r for r in requests.get(ollama.url + "/_test/log", timeout=5).json()["requests"] if r["path"] == "/api/chat"
+        ][-1]
         if entry.get("disconnected"):
             break
         time.sleep(0.1)

@@ -1,5 +1,6 @@
 """OpenAICompatProvider against a real llama.cpp server (llama-cpp-python with the bundled SmolLM2),
 plus a tiny real HTTP peer for the failures llama.cpp cannot be made to produce on demand."""
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,17 @@ from llama_server import LlamaServer, ensure_llama_cpp_installed, free_port  # n
 from openai_errors_server import ErrorsServer  # noqa: E402
 
 from core.config import ConnectionConfig, Settings  # noqa: E402
-from core.errors import (AuthFailed, ModelNotFound, ModelUnavailable, ProviderError, ProviderTimeout,  # noqa: E402
-                         ProviderUnreachable, RateLimited, StreamInterrupted, SwitchboardError)
+from core.errors import (  # noqa: E402
+    AuthFailed,
+    ModelNotFound,
+    ModelUnavailable,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnreachable,
+    RateLimited,
+    StreamInterrupted,
+    SwitchboardError,
+)
 from core.providers.openai_compat import OpenAICompatProvider, display_url, retry_after_seconds  # noqa: E402
 from core.types import ChatOptions, Message, StreamResult  # noqa: E402
 
@@ -56,8 +66,14 @@ def settings(**changes) -> Settings:
 
 
 def provider(base_url: str, env: str = ENV, models: list[str] | None = None, **changes) -> OpenAICompatProvider:
-    conn = ConnectionConfig(key="llamacpp", name="llama.cpp", base_url=base_url, env=env,
-                            url="https://github.com/abetlen/llama-cpp-python", models=models or [])
+    conn = ConnectionConfig(
+        key="llamacpp",
+        name="llama.cpp",
+        base_url=base_url,
+        env=env,
+        url="https://github.com/abetlen/llama-cpp-python",
+        models=models or [],
+    )
     return OpenAICompatProvider(conn, settings(**changes))
 
 
@@ -75,9 +91,13 @@ def test_discovery_lists_server_models(llama, key_env):
     assert group.available and group.reason is None and (group.key, group.kind) == ("llamacpp", "openai")
     [model] = group.models
     assert (model.id, model.native_name, model.provider, model.connection) == (
-        "llamacpp:smollm2", "smollm2", "openai", "llamacpp")
+        "llamacpp:smollm2",
+        "smollm2",
+        "openai",
+        "llamacpp",
+    )
     assert model.details["url"] == "https://github.com/abetlen/llama-cpp-python"
-    assert p.list_models() is group                      # cached for discovery_ttl
+    assert p.list_models() is group  # cached for discovery_ttl
     assert p.list_models(refresh=True) is not group
     # Two connections to servers with the same model name still give distinct ids.
     other = OpenAICompatProvider(ConnectionConfig("second", "Second", llama.base_url, env=ENV), settings())
@@ -105,8 +125,9 @@ def test_cancel_mid_stream_closes_the_response(llama, key_env):
     p = provider(llama.base_url)
     cancel, result, parts = threading.Event(), StreamResult(), []
     long = ChatOptions(max_new_tokens=1000, temperature=0.0)
-    for text in p.stream_chat(p.model_info("smollm2"), [Message("user", "Write a long story about a dragon.")],
-                              long, cancel, result):
+    for text in p.stream_chat(
+        p.model_info("smollm2"), [Message("user", "Write a long story about a dragon.")], long, cancel, result
+    ):
         parts.append(text)
         if len(parts) == 3:
             cancel.set()
@@ -126,9 +147,13 @@ def test_server_killed_mid_stream_is_stream_interrupted():
         p = provider(doomed.base_url, env="NO_API_KEY")
         parts = []
         with pytest.raises(StreamInterrupted, match="cut mid-answer"):
-            for text in p.stream_chat(p.model_info("smollm2"), [Message("user", "Write a long story about a dragon.")],
-                                      ChatOptions(max_new_tokens=400, temperature=0.0), threading.Event(),
-                                      StreamResult()):
+            for text in p.stream_chat(
+                p.model_info("smollm2"),
+                [Message("user", "Write a long story about a dragon.")],
+                ChatOptions(max_new_tokens=400, temperature=0.0),
+                threading.Event(),
+                StreamResult(),
+            ):
                 parts.append(text)
                 if len(parts) == 3:
                     doomed.kill()
@@ -224,13 +249,13 @@ def test_the_key_never_leaks(llama, peer, key_env, monkeypatch, caplog):
     seen.append(repr(p.list_models(refresh=True).to_public()))
     parts, _ = run(p, "smollm2")
     assert "Paris" in "".join(parts)
-    echo = provider(peer.base_url)           # a careless server that quotes the key back
+    echo = provider(peer.base_url)  # a careless server that quotes the key back
     for model in ("echo-key-500", "echo-key-401", "status-429-retry-7", "no-finish"):
         with pytest.raises(SwitchboardError) as caught:
             run(echo, model)
         seen += [caught.value.message, str(caught.value), repr(caught.value), repr(caught.value.to_dict())]
     assert "Incorrect API key provided: ***" in seen[1]
-    assert any(r["auth"] == f"Bearer {KEY}" for r in peer.httpd.requests)   # it was sent, though
+    assert any(r["auth"] == f"Bearer {KEY}" for r in peer.httpd.requests)  # it was sent, though
     monkeypatch.setenv(ENV, KEY + "-wrong")
     seen.append(repr(p.list_models(refresh=True).to_public()))
     with pytest.raises(AuthFailed) as caught:

@@ -1,4 +1,5 @@
 """The think-tag splitter: tags split across deltas never reach the answer."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,12 +13,15 @@ def split(chunks: list[str]) -> tuple[str, str]:
     return ("".join(t for k, t in pieces if k == "content"), "".join(t for k, t in pieces if k == "reasoning"))
 
 
-@pytest.mark.parametrize("chunks", [
-    ["<think>step</think>Answer"],
-    ["<th", "ink>step</think>Answer"],
-    ["<", "t", "h", "i", "n", "k", ">", "st", "ep<", "/", "think", ">", "Ans", "wer"],
-    ["<think>step</thi", "nk>\n\nAnswer"],
-])
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        ["<think>step</think>Answer"],
+        ["<th", "ink>step</think>Answer"],
+        ["<", "t", "h", "i", "n", "k", ">", "st", "ep<", "/", "think", ">", "Ans", "wer"],
+        ["<think>step</thi", "nk>\n\nAnswer"],
+    ],
+)
 def test_split_tags(chunks):
     assert split(chunks) == ("Answer", "step")
 

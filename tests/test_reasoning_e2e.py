@@ -1,6 +1,7 @@
 """Reasoning end to end: an OpenAI-compatible peer that thinks aloud (split <think> tags, or separate
 reasoning_content deltas) behind a real Switchboard; the answer is "Answer", the reasoning "step",
 on every surface (Socket.IO, stored messages, REST chat, /v1)."""
+
 from __future__ import annotations
 
 import openai
@@ -61,8 +62,9 @@ def test_rest_chat_carries_reasoning(server, model):
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["content"], body["reasoning"]) == (ANSWER, REASONING)
-    with requests.post(server.url + "/api/chat", json={"model": model, "content": QUESTION, "stream": True},
-                       stream=True, timeout=30) as streamed:
+    with requests.post(
+        server.url + "/api/chat", json={"model": model, "content": QUESTION, "stream": True}, stream=True, timeout=30
+    ) as streamed:
         events = [(name, data) for _, name, data in sse_events(streamed)]
     assert "".join(d["content"] for n, d in events if n == "reasoning") == REASONING
     assert "".join(d["content"] for n, d in events if n == "delta") == ANSWER
@@ -74,8 +76,9 @@ def test_v1_reasoning_content(server, peer, model):
     chats_before = len(server.get("/api/chats").json()["chats"])
     with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30) as client:
         assert model in [m.id for m in client.models.list()]
-        chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
-                                                     stream=True))
+        chunks = list(
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}], stream=True)
+        )
         completion = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}])
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == ANSWER

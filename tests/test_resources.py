@@ -1,4 +1,5 @@
 """The resource manager with real engines, a real fake-Ollama HTTP server and real server processes."""
+
 from __future__ import annotations
 
 import gc
@@ -12,18 +13,20 @@ from pathlib import Path
 import pytest
 import requests
 
+from core.config import load_settings
 from core.engines.chat import TransformersChatEngine
 from core.models.catalog import BUNDLED_REPO
 from core.providers.ollama import OllamaProvider
 from core.resources import memory
 from core.resources.manager import ResourceManager
 from core.resources.policy import plan_evictions
-from core.config import load_settings
 from tests.helpers import BUNDLED_ID, EventClient
 from tests.peers.ollama_server import FakeOllama, OllamaProcess
 
-STORY = {"content": "Write a very long story about a dragon who bakes bread.",
-         "options": {"temperature": 0, "max_new_tokens": 120}}
+STORY = {
+    "content": "Write a very long story about a dragon who bakes bread.",
+    "options": {"temperature": 0, "max_new_tokens": 120},
+}
 
 
 @pytest.fixture
@@ -97,8 +100,11 @@ def test_switch_to_local_unloads_ollama_models_before_loading(engine, fake_ollam
         pass
     load = next(r for r in caplog.records if "event=engine_load" in r.getMessage())
     load_started = load.created - int(re.search(r"took_ms=(\d+)", load.getMessage()).group(1)) / 1000
-    unloads = [r for r in fake_ollama.log_snapshot()
-               if r["path"] == "/api/generate" and (r["json"] or {}).get("keep_alive") == 0]
+    unloads = [
+        r
+        for r in fake_ollama.log_snapshot()
+        if r["path"] == "/api/generate" and (r["json"] or {}).get("keep_alive") == 0
+    ]
     assert {u["json"]["model"] for u in unloads} == {"llama3:8b", "mistral:latest"}
     assert all(u["time"] < load_started for u in unloads), "a local load began before Ollama was asked to unload"
     last_ps = max(r["time"] for r in fake_ollama.log_snapshot() if r["path"] == "/api/ps")
@@ -147,8 +153,9 @@ def test_unload_waits_for_a_running_stream(server):
         outcome = {}
 
         def unload():
-            outcome["response"] = requests.post(server.url + "/api/resources/unload", json={"engine": "all"},
-                                                timeout=600).json()
+            outcome["response"] = requests.post(
+                server.url + "/api/resources/unload", json={"engine": "all"}, timeout=600
+            ).json()
             outcome["at"] = time.monotonic()
 
         worker = threading.Thread(target=unload)
@@ -185,8 +192,14 @@ def test_opposite_switches_end_consistent_with_the_last(make_server, tmp_path):
                 time.sleep(0.3)
             b.emit("chat", {"model": "ollama:llama3:8b", "content": "What is the capital of France?"})
             b.wait_end(timeout=60)
-            a.emit("chat", {"model": BUNDLED_ID, "content": "What is the capital of France?",
-                            "options": {"temperature": 0, "max_new_tokens": 16}})
+            a.emit(
+                "chat",
+                {
+                    "model": BUNDLED_ID,
+                    "content": "What is the capital of France?",
+                    "options": {"temperature": 0, "max_new_tokens": 16},
+                },
+            )
             _, _, name, _ = a.wait_end(timeout=120)
             assert name == "done"
             status = srv.get("/api/resources").json()
@@ -198,7 +211,7 @@ def test_opposite_switches_end_consistent_with_the_last(make_server, tmp_path):
             events = re.findall(r"event=engine_(load|unload) engine=chat model=(\S+)", srv.log())
             kinds = [k for k, m in events if m == BUNDLED_REPO]
             assert kinds and kinds[0] == "load"
-            assert all(x != y for x, y in zip(kinds, kinds[1:])), kinds
+            assert all(x != y for x, y in zip(kinds, kinds[1:], strict=False)), kinds
         finally:
             a.close()
             b.close()

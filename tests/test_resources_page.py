@@ -1,4 +1,5 @@
 """The resources panel in a real browser: it shows the loaded engine and the last switch, live."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,12 +23,16 @@ def test_panel_updates_live_after_a_chat_and_an_unload(server):
         send(page, "What is the capital of France?")
         wait_idle(page)
         page.wait_for_function(
-            "[...document.querySelectorAll('#resources-panel .res-engine')].some(e => e.classList.contains('state-loaded'))",
-            timeout=15000)
+            "[...document.querySelectorAll('#resources-panel .res-engine')]"
+            ".some(e => e.classList.contains('state-loaded'))",
+            timeout=15000,
+        )
         assert "SmolLM2" in page.locator("#resources-panel .res-model").first.inner_text()
         assert "last switch" in page.locator("#resources-panel .res-switch").inner_text()
         page.click("#resources-panel .res-unload")
         page.wait_for_function(
-            "[...document.querySelectorAll('#resources-panel .res-engine')].every(e => e.classList.contains('state-unloaded'))",
-            timeout=30000)
+            "[...document.querySelectorAll('#resources-panel .res-engine')]"
+            ".every(e => e.classList.contains('state-unloaded'))",
+            timeout=30000,
+        )
         browser.close()

@@ -1,4 +1,5 @@
 """REST routes through the app factory (Flask test client): shapes and JSON errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,9 @@ from web_ui import create_app
 
 @pytest.fixture
 def client(tmp_path, model_dir):
-    app = create_app({"data_dir": str(tmp_path), "model_dir": str(model_dir), "ollama_enabled": False},
-                     start_background=False)
+    app = create_app(
+        {"data_dir": str(tmp_path), "model_dir": str(model_dir), "ollama_enabled": False}, start_background=False
+    )
     with app.test_client() as c:
         yield c, app
     app.extensions["switchboard"].close()

@@ -1,10 +1,11 @@
 """POST /api/chat against a real server process and the bundled model: one JSON answer or SSE,
 stored in the same history the page lists (GET /api/chats)."""
+
 from __future__ import annotations
 
 import json
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -50,8 +51,14 @@ def test_non_streaming_answer_is_stored_and_listed(server):
     assert messages[1]["id"] == answer["message_id"] and messages[1]["content"] == answer["content"]
 
     # A follow-up in the same chat (history sent along), here as a stream.
-    with post_chat(server, chat_id=answer["chat_id"], model=BUNDLED_ID, content="And of Italy?",
-                   options={"temperature": 0, "max_new_tokens": 8}, stream=True) as follow:
+    with post_chat(
+        server,
+        chat_id=answer["chat_id"],
+        model=BUNDLED_ID,
+        content="And of Italy?",
+        options={"temperature": 0, "max_new_tokens": 8},
+        stream=True,
+    ) as follow:
         events = list(sse_events(follow))
     assert events[-1][1] == "done" and events[0][2]["chat_id"] == answer["chat_id"]
     assert len(server.get(f"/api/chats/{answer['chat_id']}").json()["messages"]) == 4
@@ -99,8 +106,9 @@ def test_client_that_hangs_up_cancels_the_answer(server):
 
 def test_rejected_requests_are_json_errors_and_store_nothing(server):
     before = len(server.get("/api/chats").json()["chats"])
-    bad_json = requests.post(server.url + "/api/chat", data="{oops", headers={"Content-Type": "application/json"},
-                             timeout=10)
+    bad_json = requests.post(
+        server.url + "/api/chat", data="{oops", headers={"Content-Type": "application/json"}, timeout=10
+    )
     cases = [
         (bad_json, 400, "bad_request"),
         (post_chat(server, model=BUNDLED_ID, content="   "), 400, "empty_content"),

@@ -1,4 +1,5 @@
 """Chat history in SQLite: order, statuses, reset without loss, crash repair, deletion."""
+
 from __future__ import annotations
 
 from core.storage import ChatStore
@@ -9,13 +10,22 @@ def test_messages_in_order_and_context_after_reset(tmp_path):
     chat = store.create_chat("hello there", "m1")
     store.add_message(chat, "user", "one", "m1", "complete")
     answer = store.add_message(chat, "assistant", "", "m1", "streaming")
-    store.finish_message(answer, content="two", status="complete", finish_reason="stop",
-                         usage={"prompt_tokens": 3, "completion_tokens": 1}, timings={"ttft_ms": 5.0})
+    store.finish_message(
+        answer,
+        content="two",
+        status="complete",
+        finish_reason="stop",
+        usage={"prompt_tokens": 3, "completion_tokens": 1},
+        timings={"ttft_ms": 5.0},
+    )
     store.reset_context(chat)
     store.add_message(chat, "user", "three", "m2", "complete")
     msgs = store.messages(chat)
     assert [(m["role"], m["content"], m["in_context"]) for m in msgs] == [
-        ("user", "one", False), ("assistant", "two", False), ("user", "three", True)]
+        ("user", "one", False),
+        ("assistant", "two", False),
+        ("user", "three", True),
+    ]
     assert msgs[1]["prompt_tokens"] == 3 and msgs[1]["ttft_ms"] == 5.0
     assert [m["content"] for m in store.context_messages(chat)] == ["three"]
     assert store.get_chat(chat)["model"] == "m2"
@@ -62,8 +72,10 @@ def test_a_database_from_before_reasoning_and_citations_opens_with_its_history(t
     with sqlite3.connect(path) as db:
         db.executescript(old_schema)
         db.execute("INSERT INTO chats VALUES ('c1', 'old chat', 'm1', 0, 1.0, 1.0)")
-        db.execute("INSERT INTO messages (id, chat_id, seq, role, content, model, status, created_at) "
-                   "VALUES ('u1', 'c1', 1, 'user', 'kept?', 'm1', 'complete', 1.0)")
+        db.execute(
+            "INSERT INTO messages (id, chat_id, seq, role, content, model, status, created_at) "
+            "VALUES ('u1', 'c1', 1, 'user', 'kept?', 'm1', 'complete', 1.0)"
+        )
     store = ChatStore(path)
     assert [m["content"] for m in store.messages("c1")] == ["kept?"]
     answer = store.add_message("c1", "assistant", "", "m1", "streaming")
@@ -71,4 +83,6 @@ def test_a_database_from_before_reasoning_and_citations_opens_with_its_history(t
     store.finish_message(answer, content="yes", status="complete", reasoning="hmm", citations=sources)
     reopened = ChatStore(path).messages("c1")
     assert [(m["content"], m["reasoning"], m["citations"]) for m in reopened] == [
-        ("kept?", None, None), ("yes", "hmm", sources)]
+        ("kept?", None, None),
+        ("yes", "hmm", sources),
+    ]

@@ -1,5 +1,6 @@
 """The translation engine: validation, streaming and queueing logic, the shared local chat engine,
 a real (tiny, random-weight) Marian seq2seq model, and a round trip through a real server and model."""
+
 from __future__ import annotations
 
 import json
@@ -98,19 +99,22 @@ def test_language_codes():
     assert info.value.code == "bad_request"
 
 
-@pytest.mark.parametrize("payload, code, status", [
-    ("just text", "bad_request", 400),
-    ({"target": "fr"}, "bad_request", 400),
-    ({"text": "", "target": "fr"}, "empty_content", 400),
-    ({"text": " \n\t", "target": "fr"}, "empty_content", 400),
-    ({"text": "x" * 201, "target": "fr"}, "too_long", 413),
-    ({"text": "hello", "target": "xx"}, "unknown_language", 400),
-    ({"text": "hello", "target": "fr", "source": "zz"}, "unknown_language", 400),
-    ({"text": "hello"}, "bad_request", 400),
-    ({"text": "hello", "target": "fr", "source": "fr"}, "bad_request", 400),
-    ({"text": "hello", "target": "fr", "request_id": "has space"}, "bad_request", 400),
-    ({"text": "hello", "target": "fr", "model": 3}, "bad_request", 400),
-])
+@pytest.mark.parametrize(
+    "payload, code, status",
+    [
+        ("just text", "bad_request", 400),
+        ({"target": "fr"}, "bad_request", 400),
+        ({"text": "", "target": "fr"}, "empty_content", 400),
+        ({"text": " \n\t", "target": "fr"}, "empty_content", 400),
+        ({"text": "x" * 201, "target": "fr"}, "too_long", 413),
+        ({"text": "hello", "target": "xx"}, "unknown_language", 400),
+        ({"text": "hello", "target": "fr", "source": "zz"}, "unknown_language", 400),
+        ({"text": "hello"}, "bad_request", 400),
+        ({"text": "hello", "target": "fr", "source": "fr"}, "bad_request", 400),
+        ({"text": "hello", "target": "fr", "request_id": "has space"}, "bad_request", 400),
+        ({"text": "hello", "target": "fr", "model": 3}, "bad_request", 400),
+    ],
+)
 def test_bad_requests_are_clear_errors(payload, code, status):
     with pytest.raises(SwitchboardError) as info:
         service().accept(payload)
@@ -217,8 +221,13 @@ def marian_dir(tmp_path_factory) -> Path:
     path.mkdir()
     corpus = Path(__file__).resolve().parent / "knowledge_corpus"
     (root / "train.txt").write_text("\n".join(p.read_text() for p in sorted(corpus.glob("*.md"))))
-    spm.SentencePieceTrainer.train(input=str(root / "train.txt"), model_prefix=str(root / "sp"), vocab_size=300,
-                                   character_coverage=1.0, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(root / "train.txt"),
+        model_prefix=str(root / "sp"),
+        vocab_size=300,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
     for name in ("source.spm", "target.spm"):
         shutil.copy(root / "sp.model", path / name)
     sp = spm.SentencePieceProcessor(model_file=str(root / "sp.model"))
@@ -228,13 +237,29 @@ def marian_dir(tmp_path_factory) -> Path:
     (path / "vocab.json").write_text(json.dumps(vocab))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*sacremoses")
-        MarianTokenizer(str(path / "source.spm"), str(path / "target.spm"), str(path / "vocab.json"),
-                        source_lang="en", target_lang="de").save_pretrained(path)
+        MarianTokenizer(
+            str(path / "source.spm"),
+            str(path / "target.spm"),
+            str(path / "vocab.json"),
+            source_lang="en",
+            target_lang="de",
+        ).save_pretrained(path)
     torch.manual_seed(0)
-    config = MarianConfig(vocab_size=len(vocab), d_model=32, encoder_layers=1, decoder_layers=1,
-                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                          decoder_ffn_dim=64, max_position_embeddings=128, pad_token_id=2, eos_token_id=0,
-                          decoder_start_token_id=2, forced_eos_token_id=0)
+    config = MarianConfig(
+        vocab_size=len(vocab),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        pad_token_id=2,
+        eos_token_id=0,
+        decoder_start_token_id=2,
+        forced_eos_token_id=0,
+    )
     MarianMTModel(config).save_pretrained(path)
     return path
 
@@ -244,8 +269,9 @@ def test_seq2seq_engine_loads_streams_and_unloads(marian_dir):
     assert (engine.role, engine.source, engine.target) == ("translation", "en", "de")
     assert not engine.is_loaded() and engine.memory_bytes() == 0
     result = StreamResult()
-    pieces = list(engine.translate("The bakery opens at six.", "en", "de", ChatOptions(12, 0.0, 1.0),
-                                   threading.Event(), result))
+    pieces = list(
+        engine.translate("The bakery opens at six.", "en", "de", ChatOptions(12, 0.0, 1.0), threading.Event(), result)
+    )
     assert engine.is_loaded() and engine.memory_bytes() > 0
     assert "".join(pieces).strip() and result.finish_reason in ("stop", "length")
     assert result.usage.prompt_tokens > 0 and 0 < result.usage.completion_tokens <= 12
@@ -272,8 +298,9 @@ TRANSLATE_EVENTS = ("translation_started", "translation_delta", "translation_don
 
 @pytest.fixture(scope="module")
 def tserver(model_dir, tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("tdata"), model_dir,
-                       env={"SWITCHBOARD_TRANSLATION_MAX_CHARS": "300"}) as proc:
+    with ServerProcess(
+        tmp_path_factory.mktemp("tdata"), model_dir, env={"SWITCHBOARD_TRANSLATION_MAX_CHARS": "300"}
+    ) as proc:
         yield proc
 
 
@@ -290,9 +317,13 @@ def test_translation_round_trip_over_socketio_and_rest(tserver):
         assert done["model"] == BUNDLED_ID and done["usage"]["completion_tokens"] > 0
         assert client.of("translation_started")[0]["request_id"] == "rt-1"
 
-        for i, (payload, code) in enumerate([({"text": "", "target": "fr"}, "empty_content"),
-                                             ({"text": "hi", "target": "xx"}, "unknown_language"),
-                                             ({"text": "y" * 301, "target": "de"}, "too_long")]):
+        for i, (payload, code) in enumerate(
+            [
+                ({"text": "", "target": "fr"}, "empty_content"),
+                ({"text": "hi", "target": "xx"}, "unknown_language"),
+                ({"text": "y" * 301, "target": "de"}, "too_long"),
+            ]
+        ):
             start = len(client.events)
             client.emit("translate", {**payload, "request_id": f"bad-{i}"})
             _, _, _, error = client.wait_event("error", start=start, timeout=10)
@@ -304,9 +335,11 @@ def test_translation_round_trip_over_socketio_and_rest(tserver):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["translation"].strip() and body["finish_reason"] in ("stop", "length") and body["target"] == "de"
-    for payload, status, code in [({"text": " ", "target": "fr"}, 400, "empty_content"),
-                                  ({"text": "hi", "target": "klingon"}, 400, "unknown_language"),
-                                  ({"text": "z" * 301, "target": "fr"}, 413, "too_long")]:
+    for payload, status, code in [
+        ({"text": " ", "target": "fr"}, 400, "empty_content"),
+        ({"text": "hi", "target": "klingon"}, 400, "unknown_language"),
+        ({"text": "z" * 301, "target": "fr"}, 413, "too_long"),
+    ]:
         response = requests.post(tserver.url + "/api/translate", json=payload, timeout=10)
         assert (response.status_code, response.json()["error"]["code"]) == (status, code)
     response = requests.post(tserver.url + "/api/translate", data="not json", timeout=10)

@@ -1,4 +1,5 @@
 """REST routes: thin wrappers over core services."""
+
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request

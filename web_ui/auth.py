@@ -5,6 +5,7 @@ every HTTP route except the page itself (`/`, `/static/…`) and `/healthz` need
 `Authorization: Bearer <token>`, and a Socket.IO connection needs `auth: {token}` (or the same
 header on the handshake). Tokens are compared in constant time and never logged.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,8 @@ from web_ui.errors import error_body
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = ("/", "/healthz")
-PUBLIC_PREFIXES = ("/static/", "/socket.io")   # Socket.IO checks the token in its connect handler
-REFUSED = "unauthorized"                       # the connect_error message the page looks for
+PUBLIC_PREFIXES = ("/static/", "/socket.io")  # Socket.IO checks the token in its connect handler
+REFUSED = "unauthorized"  # the connect_error message the page looks for
 
 
 def expected_token() -> str:
@@ -51,10 +52,17 @@ def is_public(path: str) -> bool:
 
 
 def _refusal(path: str, given: str | None):
-    message = ("this server requires an access token: send Authorization: Bearer <token>" if given is None
-               else "the access token is not valid")
-    log.warning("event=auth_refused surface=http path=%s remote=%s reason=%s_token", path,
-                request.remote_addr, "missing" if given is None else "wrong")
+    message = (
+        "this server requires an access token: send Authorization: Bearer <token>"
+        if given is None
+        else "the access token is not valid"
+    )
+    log.warning(
+        "event=auth_refused surface=http path=%s remote=%s reason=%s_token",
+        path,
+        request.remote_addr,
+        "missing" if given is None else "wrong",
+    )
     if path == "/v1" or path.startswith("/v1/"):
         from web_ui.openai_api import openai_error_body
 
@@ -88,8 +96,11 @@ def check_socket(auth: Any = None) -> None:
         given = bearer_token(request.headers)
     if token_matches(given, expected):
         return
-    log.warning("event=auth_refused surface=socketio remote=%s reason=%s_token", request.remote_addr,
-                "missing" if not given else "wrong")
+    log.warning(
+        "event=auth_refused surface=socketio remote=%s reason=%s_token",
+        request.remote_addr,
+        "missing" if not given else "wrong",
+    )
     raise ConnectionRefusedError(REFUSED)
 
 

@@ -8,12 +8,14 @@ Under eventlet the SSE response generator and ChatService.run are both green thr
 handed over through a standard `queue.Queue` (patched there, a real queue in threading mode). When
 the client goes away the server closes the generator at its next write, and that sets `job.cancel`.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import queue
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("chat_api", __name__)
 
 ENDINGS = ("done", "error")
-KEEPALIVE_S = 15.0   # an SSE comment this often while nothing else is sent (also detects gone clients)
+KEEPALIVE_S = 15.0  # an SSE comment this often while nothing else is sent (also detects gone clients)
 
 
 def _all_error_types(base: type = SwitchboardError) -> Iterator[type]:
@@ -101,7 +103,7 @@ def sse(event: str | None, data: Any) -> bytes:
     """One Server-Sent Event; `data` is JSON-encoded unless it is already a string."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     head = f"event: {event}\n" if event else ""
-    return f"{head}data: {text}\n\n".encode("utf-8")
+    return f"{head}data: {text}\n\n".encode()
 
 
 def guarded(job: ChatJob, chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
@@ -116,8 +118,9 @@ def guarded(job: ChatJob, chunks: Iterator[bytes], what: str) -> Iterator[bytes]
             log.info("event=%s_client_gone chat=%s message=%s action=cancel", what, job.chat_id, job.message_id)
 
 
-def event_stream(sink: QueueSink, render: Callable[[str, dict], list[bytes]],
-                 first: list[tuple[str, dict]] | None = None) -> Iterator[bytes]:
+def event_stream(
+    sink: QueueSink, render: Callable[[str, dict], list[bytes]], first: list[tuple[str, dict]] | None = None
+) -> Iterator[bytes]:
     """Render events as they come (after `first`, already taken) until `done`/`error`; keep-alives between."""
     for event, payload in first or []:
         yield from render(event, payload)
@@ -155,6 +158,7 @@ def unbuffer_sse(app: Flask) -> None:
             if any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in headers):
                 environ["eventlet.minimum_write_chunk_size"] = 0
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
         return inner(environ, start)
 
     app.wsgi_app = wsgi  # type: ignore[method-assign]
@@ -175,7 +179,7 @@ def chat():
     if not isinstance(stream, bool):
         raise BadRequest("stream must be true or false")
     svc = services()
-    job = svc.chat.accept(payload)          # validation errors: 4xx JSON, nothing stored
+    job = svc.chat.accept(payload)  # validation errors: 4xx JSON, nothing stored
     if stream:
         sink = start_job(job)
         return sse_response(guarded(job, event_stream(sink, _socket_shape), "sse"))
@@ -194,9 +198,13 @@ def _answer(job: ChatJob, collector: Collector):
             response.headers["Retry-After"] = str(max(int(payload["retry_after"] + 0.999), 0))
         return response
     answer = {
-        "chat_id": job.chat_id, "message_id": job.message_id, "model": job.model.id,
-        "content": "".join(collector.content), "reasoning": "".join(collector.reasoning) or None,
-        "finish_reason": payload.get("finish_reason"), "usage": payload.get("usage"),
+        "chat_id": job.chat_id,
+        "message_id": job.message_id,
+        "model": job.model.id,
+        "content": "".join(collector.content),
+        "reasoning": "".join(collector.reasoning) or None,
+        "finish_reason": payload.get("finish_reason"),
+        "usage": payload.get("usage"),
         "timings": payload.get("timings"),
     }
     if collector.citations is not None:

@@ -1,4 +1,5 @@
 """The one place where core errors become wire shapes: JSON bodies for HTTP, `error` events for Socket.IO."""
+
 from __future__ import annotations
 
 import logging

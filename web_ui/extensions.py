@@ -1,4 +1,5 @@
 """Flask extensions created unbound and bound in the app factory."""
+
 from __future__ import annotations
 
 from flask import current_app

@@ -4,6 +4,7 @@ Every service call that touches SQLite, a file or a model runs in an OS thread (
 a slow disk or a long write never stalls other clients under eventlet. Indexing runs as a background
 task that reports `knowledge_progress` events to every connected page.
 """
+
 from __future__ import annotations
 
 import logging
@@ -86,8 +87,16 @@ def get_document(doc_id: str):
 @bp.delete("/api/knowledge/documents/<doc_id>")
 def delete_document(doc_id: str):
     document = run_blocking(_knowledge().delete, doc_id)
-    _broadcast({"document_id": doc_id, "name": document["name"], "collection": document["collection"],
-                "status": "deleted", "done": 0, "total": 0})
+    _broadcast(
+        {
+            "document_id": doc_id,
+            "name": document["name"],
+            "collection": document["collection"],
+            "status": "deleted",
+            "done": 0,
+            "total": 0,
+        }
+    )
     return jsonify({"deleted": doc_id, "document": document})
 
 
@@ -104,9 +113,22 @@ def search():
     if k is not None and not 1 <= k <= 50:
         raise BadRequest("k must be between 1 and 50")
     hits = run_blocking(_knowledge().search, query, k, request.args.get("collection") or None)
-    return jsonify({"results": [{"document": h.document, "document_id": h.document_id, "chunk": h.chunk,
-                                 "page": h.page, "score": round(h.score, 4), "text": h.text,
-                                 "collection": h.collection} for h in hits]})
+    return jsonify(
+        {
+            "results": [
+                {
+                    "document": h.document,
+                    "document_id": h.document_id,
+                    "chunk": h.chunk,
+                    "page": h.page,
+                    "score": round(h.score, 4),
+                    "text": h.text,
+                    "collection": h.collection,
+                }
+                for h in hits
+            ]
+        }
+    )
 
 
 @bp.post("/api/translate")

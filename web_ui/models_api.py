@@ -8,16 +8,18 @@ Socket.IO: `download_model` {model} and `cancel_download` {model} do the same as
            hears `download_progress`, `download_done`, `error` {model, code, message}, `model_deleted`
            and, after a download or a delete, a fresh `models` payload (docs/protocol.md).
 
-Threads (../shared/NOTES.md): DownloadManager runs each download in a real OS thread. Its callbacks only
+Threads (docs/architecture.md): DownloadManager runs each download in a real OS thread. Its callbacks only
 put (watch, kind, payload) on an un-patched queue; one green background task (`Downloads._pump`) drains
 that queue, coalesces progress to at most 4 events/s per model and emits. The pump runs only while a
 download is active, so an idle server has no polling task.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from flask import Blueprint, Flask, current_app, jsonify, request
 
@@ -35,7 +37,7 @@ bp = Blueprint("models_api", __name__)
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.25  # seconds between two download_progress events of one model (~4/s)
-MAX_ERRORS = 50           # last errors kept for the listing
+MAX_ERRORS = 50  # last errors kept for the listing
 EXTENSION_KEY = "switchboard_downloads"
 
 
@@ -44,7 +46,7 @@ def parse_model(raw: Any) -> str:
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), str):
         raise BadRequest('send {"model": "org/name"}')
     name = raw["model"]
-    repo = name[len("local:"):] if name.startswith("local:") else name
+    repo = name[len("local:") :] if name.startswith("local:") else name
     validate_repo_id(repo)
     return repo
 
@@ -74,18 +76,32 @@ class Downloads:
         """Start or join the download of `repo`; returns its state for the 202 answer."""
         manager = self.svc.downloads
         if manager is None:
-            raise ModelUnavailable("downloads are disabled: models.endpoints (SWITCHBOARD_HF_ENDPOINTS) is not "
-                                   "usable; see the server log")
+            raise ModelUnavailable(
+                "downloads are disabled: models.endpoints (SWITCHBOARD_HF_ENDPOINTS) is not usable; see the server log"
+            )
         with self.lock:
             watch = self.watches.get(repo)
             if watch is not None and not watch.job.done.is_set():
                 return {"model": repo, "state": "joined", "progress": self.progress.get(repo)}
             watch = _Watch(repo)
-            starting = {"model": repo, "state": "starting", "file": None, "bytes": 0, "total": 0, "files_done": 0,
-                        "files_total": 0, "speed": 0.0, "eta": None}
+            starting = {
+                "model": repo,
+                "state": "starting",
+                "file": None,
+                "bytes": 0,
+                "total": 0,
+                "files_done": 0,
+                "files_total": 0,
+                "speed": 0.0,
+                "eta": None,
+            }
             self.queue.put((watch, PROGRESS, starting))
-            watch.job = manager.start(repo, on_progress=self._forward(watch, PROGRESS),
-                                      on_done=self._forward(watch, DONE), on_error=self._forward(watch, ERROR))
+            watch.job = manager.start(
+                repo,
+                on_progress=self._forward(watch, PROGRESS),
+                on_done=self._forward(watch, DONE),
+                on_error=self._forward(watch, ERROR),
+            )
             self.watches[repo] = watch
             self.progress[repo] = starting
             self.errors.pop(repo, None)
@@ -145,20 +161,29 @@ class Downloads:
         for repo in [*cache.list_cached(), *sorted(downloading), *errors]:
             if repo not in repos:
                 repos.append(repo)
-        loaded = {getattr(s.engine, "model_id", None) for s in self.svc.resources.slots_of()
-                  if s.engine.is_loaded()}
+        loaded = {getattr(s.engine, "model_id", None) for s in self.svc.resources.slots_of() if s.engine.is_loaded()}
         rows = []
         for repo in repos:
             status, entry = cache.status(repo), find_entry(repo)
-            rows.append({
-                "model": repo, "id": f"local:{repo}", "name": entry.name if entry else repo.split("/")[1],
-                "status": status.status, "reason": status.reason,
-                "size_bytes": disk_usage(status.path) if status.status != MISSING else 0,
-                "approx_size": entry.approx_size if entry else None, "path": str(status.path),
-                "last_used": cache.last_used(repo), "in_catalog": entry is not None,
-                "bundled": bool(entry and entry.bundled), "loaded": repo in loaded,
-                "downloading": repo in downloading or cache.is_locked(repo),
-                "progress": progress.get(repo) if repo in downloading else None, "error": errors.get(repo)})
+            rows.append(
+                {
+                    "model": repo,
+                    "id": f"local:{repo}",
+                    "name": entry.name if entry else repo.split("/")[1],
+                    "status": status.status,
+                    "reason": status.reason,
+                    "size_bytes": disk_usage(status.path) if status.status != MISSING else 0,
+                    "approx_size": entry.approx_size if entry else None,
+                    "path": str(status.path),
+                    "last_used": cache.last_used(repo),
+                    "in_catalog": entry is not None,
+                    "bundled": bool(entry and entry.bundled),
+                    "loaded": repo in loaded,
+                    "downloading": repo in downloading or cache.is_locked(repo),
+                    "progress": progress.get(repo) if repo in downloading else None,
+                    "error": errors.get(repo),
+                }
+            )
         return {"root": str(cache.root), "downloads_enabled": self.svc.downloads is not None, "models": rows}
 
     # -- the download thread's side -----------------------------------------------------------------
@@ -196,8 +221,16 @@ class Downloads:
         repo = watch.repo
         if kind == PROGRESS:
             if payload.get("state") == "waiting":
-                payload = {"bytes": 0, "total": 0, "files_done": 0, "files_total": 0, "speed": 0.0, "eta": None,
-                           "file": None, **payload}
+                payload = {
+                    "bytes": 0,
+                    "total": 0,
+                    "files_done": 0,
+                    "files_total": 0,
+                    "speed": 0.0,
+                    "eta": None,
+                    "file": None,
+                    **payload,
+                }
             with self.lock:
                 if self.watches.get(repo) is watch:
                     self.progress[repo] = payload
@@ -214,13 +247,19 @@ class Downloads:
                 while len(self.errors) > MAX_ERRORS:
                     self.errors.pop(next(iter(self.errors)))
         if kind == DONE:
-            log.info("event=download_done model=%s bytes=%s elapsed=%s already_present=%s", repo,
-                     payload.get("bytes"), payload.get("elapsed"), payload.get("already_present"))
+            log.info(
+                "event=download_done model=%s bytes=%s elapsed=%s already_present=%s",
+                repo,
+                payload.get("bytes"),
+                payload.get("elapsed"),
+                payload.get("already_present"),
+            )
             socketio.emit("download_done", payload)
             socketio.start_background_task(self._broadcast_models)
         else:
-            log.info("event=download_failed model=%s code=%s message=%s", repo, payload.get("code"),
-                     payload.get("message"))
+            log.info(
+                "event=download_failed model=%s code=%s message=%s", repo, payload.get("code"), payload.get("message")
+            )
             socketio.emit("error", {"model": repo, "code": payload.get("code"), "message": payload.get("message")})
 
     def _emit_progress(self, payload: dict, sent: dict[str, float]) -> None:
@@ -247,6 +286,7 @@ def init_app(app: Flask) -> None:
 
 # -- REST ------------------------------------------------------------------------------------------
 
+
 @bp.get("/api/cache/models")
 def list_cached_models():
     return jsonify(run_blocking(downloads().listing))
@@ -270,6 +310,7 @@ def delete_model(org: str, name: str):
 
 
 # -- Socket.IO -------------------------------------------------------------------------------------
+
 
 def _on(event: str, action: Callable[[Downloads, str], dict]) -> None:
     """Register a handler whose failures go back to the sender as `error` {model?, code, message}."""

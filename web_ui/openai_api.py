@@ -6,6 +6,7 @@ any chat, through ChatService.accept_stateless / run. Errors use OpenAI's shape
 A streamed request gets its HTTP status from the first thing the model does: an error before the
 first token is an ordinary JSON error with a fitting status; after that it is an SSE `error` chunk.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,7 @@ from flask import Blueprint, jsonify, request
 
 from core.chat import ChatJob
 from core.errors import BadRequest, ModelNotFound, SwitchboardError
-from web_ui.chat_api import (ENDINGS, Collector, event_stream, guarded, sse, sse_response, start_job,
-                             status_for_code)
+from web_ui.chat_api import ENDINGS, Collector, event_stream, guarded, sse, sse_response, start_job, status_for_code
 from web_ui.extensions import services
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,15 @@ bp = Blueprint("openai_api", __name__, url_prefix="/v1")
 # Where /v1 differs from core's statuses: OpenAI clients expect 400 for an over-long prompt, and a
 # model that exists but cannot run now (not downloaded, backend down) is "service unavailable".
 STATUS_OVERRIDES = {"too_long": 400, "model_unavailable": 503}
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error"}
-HEADER_WAIT_S = 10.0   # hold the response headers this long for the first token (to report errors as HTTP)
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+HEADER_WAIT_S = 10.0  # hold the response headers this long for the first token (to report errors as HTTP)
 FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop")
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
@@ -90,8 +96,7 @@ def _model_object(model: Any) -> dict:
 @bp.get("/models")
 def list_models():
     """Every model that can run now, with the registry's ids."""
-    data = [_model_object(m) for g in services().registry.groups() if g.available
-            for m in g.models if m.available]
+    data = [_model_object(m) for g in services().registry.groups() if g.available for m in g.models if m.available]
     return jsonify({"object": "list", "data": data})
 
 
@@ -114,8 +119,9 @@ def _parse(body: Any) -> tuple[str, list, dict, bool, bool]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages is required: a non-empty list of {role, content}", "messages")
-    messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
-                for m in messages]
+    messages = [
+        {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in messages
+    ]
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise _bad("stream must be a boolean", "stream")
@@ -154,18 +160,30 @@ def _usage(usage: dict | None) -> dict:
 def _completion(job: ChatJob, collector: Collector):
     event, payload = collector.end or ("error", {"code": "internal_error", "message": "the answer never ended"})
     if event == "error":
-        return _error_response(payload.get("code", "internal_error"), payload.get("message", ""),
-                               retry_after=payload.get("retry_after"))
+        return _error_response(
+            payload.get("code", "internal_error"), payload.get("message", ""), retry_after=payload.get("retry_after")
+        )
     message: dict[str, Any] = {"role": "assistant", "content": "".join(collector.content)}
     if collector.reasoning:
         message["reasoning_content"] = "".join(collector.reasoning)
-    return jsonify({
-        "id": f"chatcmpl-{job.message_id}", "object": "chat.completion", "created": int(time.time()),
-        "model": job.model.id, "system_fingerprint": None,
-        "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": FINISH.get(payload.get("finish_reason"), "stop")}],
-        "usage": _usage(payload.get("usage")),
-    })
+    return jsonify(
+        {
+            "id": f"chatcmpl-{job.message_id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": job.model.id,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": FINISH.get(payload.get("finish_reason"), "stop"),
+                }
+            ],
+            "usage": _usage(payload.get("usage")),
+        }
+    )
 
 
 class ChunkWriter:
@@ -178,9 +196,14 @@ class ChunkWriter:
         self.created = int(time.time())
 
     def chunk(self, delta: dict, finish: str | None = None) -> bytes:
-        obj: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                               "model": self.job.model.id, "system_fingerprint": None,
-                               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        obj: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.job.model.id,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
         if self.include_usage:
             obj["usage"] = None
         return sse(None, obj)
@@ -195,15 +218,28 @@ class ChunkWriter:
         if event == "done":
             out = [self.chunk({}, FINISH.get(payload.get("finish_reason"), "stop"))]
             if self.include_usage:
-                out.append(sse(None, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                      "model": self.job.model.id, "system_fingerprint": None, "choices": [],
-                                      "usage": _usage(payload.get("usage"))}))
+                out.append(
+                    sse(
+                        None,
+                        {
+                            "id": self.id,
+                            "object": "chat.completion.chunk",
+                            "created": self.created,
+                            "model": self.job.model.id,
+                            "system_fingerprint": None,
+                            "choices": [],
+                            "usage": _usage(payload.get("usage")),
+                        },
+                    )
+                )
             return out + [sse(None, "[DONE]")]
         if event == "error":
             log.warning("event=v1_stream_error message=%s code=%s", self.job.message_id, payload.get("code"))
-            return [sse(None, _error_dict(payload.get("code", "internal_error"), payload.get("message", ""))),
-                    sse(None, "[DONE]")]
-        return []   # chat_started, citations: nothing in OpenAI's format
+            return [
+                sse(None, _error_dict(payload.get("code", "internal_error"), payload.get("message", ""))),
+                sse(None, "[DONE]"),
+            ]
+        return []  # chat_started, citations: nothing in OpenAI's format
 
 
 def _stream(job: ChatJob, include_usage: bool):
@@ -218,8 +254,11 @@ def _stream(job: ChatJob, include_usage: bool):
         early.append(item)
         event, payload = item
         if event == "error":
-            return _error_response(payload.get("code", "internal_error"), payload.get("message", ""),
-                                   retry_after=payload.get("retry_after"))
+            return _error_response(
+                payload.get("code", "internal_error"),
+                payload.get("message", ""),
+                retry_after=payload.get("retry_after"),
+            )
         if event in ("delta", "reasoning") or event in ENDINGS:
             break
     writer = ChunkWriter(job, include_usage)

@@ -3,6 +3,7 @@
 Also pushes a `resource_status` Socket.IO event to every client on each change (coalesced, sent
 from a background task so a switch never waits on it).
 """
+
 from __future__ import annotations
 
 import logging

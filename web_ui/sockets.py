@@ -1,8 +1,10 @@
 """Socket.IO handlers: validate the envelope, call core, answer with events (docs/protocol.md)."""
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from flask import current_app, request
 
@@ -32,6 +34,7 @@ def _chat_id_of(data: Any) -> Any:
 def handles_errors(event: str, echo: tuple[str, ...] = ("chat_id",)) -> Callable:
     """Decorator: a SwitchboardError becomes an `error` event to the sender (with the request's `echo`
     fields, so the client knows what failed); the connection stays usable."""
+
     def wrap(fn: Callable) -> Callable:
         def handler(data: Any = None) -> None:
             try:
@@ -43,9 +46,11 @@ def handles_errors(event: str, echo: tuple[str, ...] = ("chat_id",)) -> Callable
                         payload[key] = data[key]
                 log.warning("event=socket_error on=%s code=%s message=%s", event, exc.code, exc.message)
                 socketio.emit("error", payload, to=request.sid)
+
         handler.__name__ = f"on_{event}"
         socketio.on_event(event, handler)
         return handler
+
     return wrap
 
 

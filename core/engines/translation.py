@@ -10,14 +10,16 @@ Two ways to translate, both streaming text pieces from a blocking generator (run
 - **A dedicated seq2seq model** (`Seq2SeqTranslationEngine`, e.g. a Marian `opus-mt-*` model in the
   model cache), an Engine of its own with load / unload / is_loaded / memory_bytes.
 """
+
 from __future__ import annotations
 
 import logging
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from core.concurrency import os_lock, os_queue, start_os_thread
 from core.engines.base import LOADED, LOADING, UNLOADED, UNLOADING, Engine
@@ -28,8 +30,10 @@ from core.types import ChatOptions, Message, StreamResult
 
 log = logging.getLogger(__name__)
 
-SYSTEM_PROMPT = ("You are a translation engine. Translate the user's text {source}into {target}. "
-                 "Reply with the translation only: no notes, no explanations, no quotation marks.")
+SYSTEM_PROMPT = (
+    "You are a translation engine. Translate the user's text {source}into {target}. "
+    "Reply with the translation only: no notes, no explanations, no quotation marks."
+)
 
 
 def translation_messages(text: str, source_name: str | None, target_name: str) -> list[Message]:
@@ -44,8 +48,10 @@ def marian_pair(name: str) -> tuple[str | None, str | None]:
     if not m:
         return None, None
     src, tgt = m.group(1), m.group(2)
-    return (src if len(src) in (2, 3) and src.islower() else None,
-            tgt if len(tgt) in (2, 3) and tgt.islower() else None)
+    return (
+        src if len(src) in (2, 3) and src.islower() else None,
+        tgt if len(tgt) in (2, 3) and tgt.islower() else None,
+    )
 
 
 class Seq2SeqTranslationEngine(Engine):
@@ -94,8 +100,13 @@ class Seq2SeqTranslationEngine(Engine):
                 self.state = UNLOADED
                 raise
             self.state = LOADED
-            log.info("event=engine_load role=translation model=%s device=%s took_ms=%d bytes=%d", self.model_id,
-                     self.device, (time.monotonic() - started) * 1000, self.memory_bytes())
+            log.info(
+                "event=engine_load role=translation model=%s device=%s took_ms=%d bytes=%d",
+                self.model_id,
+                self.device,
+                (time.monotonic() - started) * 1000,
+                self.memory_bytes(),
+            )
 
     def unload(self) -> None:
         with self._lock:
@@ -115,8 +126,15 @@ class Seq2SeqTranslationEngine(Engine):
     def expected_bytes(self) -> int:
         return weights_on_disk(self.path)
 
-    def translate(self, text: str, source: str | None, target: str, options: ChatOptions, cancel: CancelToken,
-                  result: StreamResult) -> Iterator[str]:
+    def translate(
+        self,
+        text: str,
+        source: str | None,
+        target: str,
+        options: ChatOptions,
+        cancel: CancelToken,
+        result: StreamResult,
+    ) -> Iterator[str]:
         """Stream the translation, line by line (each line is one generate in an OS thread)."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
@@ -124,7 +142,7 @@ class Seq2SeqTranslationEngine(Engine):
         model, tokenizer = self.model, self.tokenizer
         prefix = ""
         codes = getattr(tokenizer, "supported_language_codes", None) or []
-        if f">>{target}<<" in codes:   # multi-target Marian models pick the language by a prefix token
+        if f">>{target}<<" in codes:  # multi-target Marian models pick the language by a prefix token
             prefix = f">>{target}<< "
         limit = min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
         lines = text.split("\n")
@@ -144,12 +162,18 @@ class Seq2SeqTranslationEngine(Engine):
             streamer.text_queue = os_queue()  # a green queue would never wake across OS threads
             outcome: dict[str, Any] = {}
 
-            def run(inputs: Any = inputs, streamer: Any = streamer, outcome: dict = outcome,
-                    budget: int = budget) -> None:
+            def run(
+                inputs: Any = inputs, streamer: Any = streamer, outcome: dict = outcome, budget: int = budget
+            ) -> None:
                 try:
                     outcome["sequences"] = model.generate(
-                        **inputs, streamer=streamer, max_new_tokens=budget, do_sample=False, num_beams=1,
-                        stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]))
+                        **inputs,
+                        streamer=streamer,
+                        max_new_tokens=budget,
+                        do_sample=False,
+                        num_beams=1,
+                        stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]),
+                    )
                 except BaseException as exc:  # reported to the consumer below
                     outcome["error"] = exc
                     streamer.end()

@@ -10,11 +10,12 @@ ends mid-sentence unless one sentence alone is longer than a chunk, and then it 
 boundaries. Every chunk is a verbatim slice `text[start:end]` of the extracted text, so excerpts and
 page numbers map back exactly.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 DEFAULT_CHUNK_TOKENS = 200
 DEFAULT_OVERLAP_TOKENS = 40
@@ -45,14 +46,22 @@ def regex_token_spans(texts: list[str]) -> list[list[Span]]:
 
 def tokenizer_token_spans(tokenizer) -> TokenSpans:
     """Token spans from a Hugging Face *fast* tokenizer (offset mapping)."""
+
     def spans(texts: list[str]) -> list[list[Span]]:
         out: list[list[Span]] = []
         for i in range(0, len(texts), 512):  # bounded batches keep memory flat on huge documents
-            enc = tokenizer(texts[i:i + 512], add_special_tokens=False, return_offsets_mapping=True,
-                            return_attention_mask=False, return_token_type_ids=False, truncation=False,
-                            verbose=False)
+            enc = tokenizer(
+                texts[i : i + 512],
+                add_special_tokens=False,
+                return_offsets_mapping=True,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+                truncation=False,
+                verbose=False,
+            )
             out.extend([[(int(s), int(e)) for s, e in offsets if e > s] for offsets in enc["offset_mapping"]])
         return out
+
     return spans
 
 
@@ -79,8 +88,12 @@ def split_units(text: str) -> list[Span]:
     return out
 
 
-def chunk_text(text: str, token_spans: TokenSpans = regex_token_spans, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-               overlap_tokens: int = DEFAULT_OVERLAP_TOKENS) -> list[Chunk]:
+def chunk_text(
+    text: str,
+    token_spans: TokenSpans = regex_token_spans,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    overlap_tokens: int = DEFAULT_OVERLAP_TOKENS,
+) -> list[Chunk]:
     """Cut `text` into chunks of at most `chunk_tokens` tokens overlapping by up to `overlap_tokens`."""
     if chunk_tokens < 8:
         raise ValueError("chunk_tokens must be at least 8")
@@ -92,14 +105,14 @@ def chunk_text(text: str, token_spans: TokenSpans = regex_token_spans, chunk_tok
     spans = token_spans([text[s:e] for s, e in units])
     # Pieces: units that fit, and token windows of those that do not; (start, end, tokens).
     pieces: list[tuple[int, int, int]] = []
-    for (s, e), toks in zip(units, spans):
+    for (s, e), toks in zip(units, spans, strict=True):
         n = len(toks) or 1
         if n <= chunk_tokens:
             pieces.append((s, e, n))
             continue
         step = chunk_tokens - overlap_tokens
         for i in range(0, len(toks), step):
-            window = toks[i:i + chunk_tokens]
+            window = toks[i : i + chunk_tokens]
             pieces.append((s + window[0][0], s + window[-1][1], len(window)))
             if i + chunk_tokens >= len(toks):
                 break

@@ -4,6 +4,7 @@ Every rejection is a SwitchboardError with its own code, so HTTP clients get a c
 and nothing is stored: empty file, unsupported type, over the size limit, unreadable (broken) file,
 or a file with no extractable text.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,15 @@ from core.errors import BadRequest, TooLong
 
 log = logging.getLogger(__name__)
 
-KINDS = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown",
-         ".html": "html", ".htm": "html", ".pdf": "pdf"}
+KINDS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".html": "html",
+    ".htm": "html",
+    ".pdf": "pdf",
+}
 COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_COLLECTION = "default"
 
@@ -50,7 +58,7 @@ class Extracted:
     data: bytes
     sha256: str
     text: str
-    page_starts: list[int] = field(default_factory=list)   # character offset where each page starts
+    page_starts: list[int] = field(default_factory=list)  # character offset where each page starts
 
     @property
     def extension(self) -> str:
@@ -76,8 +84,7 @@ def kind_of(name: str) -> str:
     ext = PurePath(name).suffix.lower()
     if ext not in KINDS:
         shown = ext or "(no extension)"
-        raise UnsupportedType(f"{name or 'the file'}: type {shown} is not supported; "
-                              "upload .txt, .md, .html or .pdf")
+        raise UnsupportedType(f"{name or 'the file'}: type {shown} is not supported; upload .txt, .md, .html or .pdf")
     return KINDS[ext]
 
 
@@ -105,8 +112,34 @@ class _HTMLText(HTMLParser):
     """Visible text of an HTML page; block elements become line breaks."""
 
     SKIP = {"script", "style", "noscript", "template", "svg", "head"}
-    BLOCK = {"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header", "footer",
-             "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "hr", "dt", "dd", "title", "main", "nav"}
+    BLOCK = {
+        "p",
+        "div",
+        "br",
+        "li",
+        "ul",
+        "ol",
+        "tr",
+        "table",
+        "section",
+        "article",
+        "header",
+        "footer",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "pre",
+        "blockquote",
+        "hr",
+        "dt",
+        "dd",
+        "title",
+        "main",
+        "nav",
+    }
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -145,7 +178,7 @@ def html_to_text(html: str) -> str:
     body = "".join(parser.parts)
     body = "\n".join(re.sub(r"[ \t]+", " ", line).strip() for line in body.split("\n"))
     title = " ".join("".join(parser.title).split())
-    if title and title not in body[:len(title) + 200]:
+    if title and title not in body[: len(title) + 200]:
         body = title + "\n\n" + body
     return body
 
@@ -170,8 +203,18 @@ def pdf_to_text(data: bytes, name: str) -> tuple[str, list[int]]:
             offset += len(text) + 2
     except UnreadableDocument:
         raise
-    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, OSError,
-            RecursionError, AssertionError, ZeroDivisionError) as exc:
+    except (
+        PyPdfError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        OSError,
+        RecursionError,
+        AssertionError,
+        ZeroDivisionError,
+    ) as exc:
         raise UnreadableDocument(f"{name}: the PDF could not be read ({type(exc).__name__}: {exc})"[:300]) from None
     if not pages:
         raise UnreadableDocument(f"{name}: the PDF has no pages")

@@ -6,13 +6,15 @@ chunks; an exact dot product over a float32 matrix kept in memory answers that i
 exact (no approximate-search recall loss). SQLite stays the one source of truth: a document and all
 its chunks are written in one transaction, so a crash or a failed indexing leaves nothing half-indexed.
 """
+
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -80,8 +82,8 @@ class VectorIndex:
         self._lock = os_lock()
         # The search matrix, rebuilt from SQLite after any change (lazily, at the next search).
         self._matrix: np.ndarray | None = None
-        self._rows: np.ndarray | None = None          # chunk row ids, aligned with the matrix
-        self._collections: np.ndarray | None = None   # collection of each row
+        self._rows: np.ndarray | None = None  # chunk row ids, aligned with the matrix
+        self._collections: np.ndarray | None = None  # collection of each row
         stored = self._meta("embedding_model")
         if stored is None:
             self._set_meta("embedding_model", model_name)
@@ -101,8 +103,9 @@ class VectorIndex:
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     # -- documents -------------------------------------------------------------------------------
-    def add_document(self, doc: dict, chunks: Sequence[Any], embeddings: np.ndarray,
-                     pages: Sequence[int | None]) -> None:
+    def add_document(
+        self, doc: dict, chunks: Sequence[Any], embeddings: np.ndarray, pages: Sequence[int | None]
+    ) -> None:
         """Insert a document and all its chunks in one transaction (all or nothing)."""
         if len(chunks) != len(embeddings) or len(chunks) != len(pages):
             raise ValueError("chunks, embeddings and pages must align")
@@ -112,13 +115,27 @@ class VectorIndex:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
                     f"INSERT INTO documents ({DOC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (doc["id"], doc["collection"], doc["name"], doc["kind"], doc["sha256"], doc["size_bytes"],
-                     doc["chars"], len(chunks), doc["file"], doc.get("created_at") or time.time()))
+                    (
+                        doc["id"],
+                        doc["collection"],
+                        doc["name"],
+                        doc["kind"],
+                        doc["sha256"],
+                        doc["size_bytes"],
+                        doc["chars"],
+                        len(chunks),
+                        doc["file"],
+                        doc.get("created_at") or time.time(),
+                    ),
+                )
                 self._db.executemany(
                     "INSERT INTO chunks (document_id, idx, start, end, tokens, page, text, embedding) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(doc["id"], c.index, c.start, c.end, c.tokens, page, c.text, vec.tobytes())
-                     for c, vec, page in zip(chunks, vectors, pages)])
+                    [
+                        (doc["id"], c.index, c.start, c.end, c.tokens, page, c.text, vec.tobytes())
+                        for c, vec, page in zip(chunks, vectors, pages, strict=True)
+                    ],
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -149,8 +166,9 @@ class VectorIndex:
 
     def find_by_hash(self, collection: str, sha256: str) -> dict | None:
         with self._lock:
-            row = self._db.execute(f"SELECT {DOC_COLUMNS} FROM documents WHERE collection = ? AND sha256 = ?",
-                                   (collection, sha256)).fetchone()
+            row = self._db.execute(
+                f"SELECT {DOC_COLUMNS} FROM documents WHERE collection = ? AND sha256 = ?", (collection, sha256)
+            ).fetchone()
         return dict(row) if row else None
 
     def list_documents(self) -> list[dict]:
@@ -176,10 +194,12 @@ class VectorIndex:
     def _load_matrix(self) -> None:
         rows = self._db.execute(
             "SELECT c.id, c.embedding, d.collection FROM chunks c JOIN documents d ON d.id = c.document_id "
-            "ORDER BY c.id").fetchall()
+            "ORDER BY c.id"
+        ).fetchall()
         if rows:
-            self._matrix = np.frombuffer(b"".join(r["embedding"] for r in rows), dtype=np.float32).reshape(
-                len(rows), -1).copy()
+            self._matrix = (
+                np.frombuffer(b"".join(r["embedding"] for r in rows), dtype=np.float32).reshape(len(rows), -1).copy()
+            )
         else:
             self._matrix = np.zeros((0, self.dimension), dtype=np.float32)
         self._rows = np.array([r["id"] for r in rows], dtype=np.int64)
@@ -207,9 +227,25 @@ class VectorIndex:
                 return []
             ids = [int(rows[i]) for i in top]
             marks = ",".join("?" * len(ids))
-            found = {r["id"]: r for r in self._db.execute(
-                f"SELECT c.id, c.document_id, c.idx, c.text, c.page, c.tokens, d.name, d.collection FROM chunks c "
-                f"JOIN documents d ON d.id = c.document_id WHERE c.id IN ({marks})", ids)}
-        return [Hit(found[cid]["document_id"], found[cid]["name"], found[cid]["collection"], found[cid]["idx"],
-                    float(scores[i]), found[cid]["text"], found[cid]["page"], found[cid]["tokens"])
-                for cid, i in zip(ids, top) if cid in found]
+            found = {
+                r["id"]: r
+                for r in self._db.execute(
+                    f"SELECT c.id, c.document_id, c.idx, c.text, c.page, c.tokens, d.name, d.collection FROM chunks c "
+                    f"JOIN documents d ON d.id = c.document_id WHERE c.id IN ({marks})",
+                    ids,
+                )
+            }
+        return [
+            Hit(
+                found[cid]["document_id"],
+                found[cid]["name"],
+                found[cid]["collection"],
+                found[cid]["idx"],
+                float(scores[i]),
+                found[cid]["text"],
+                found[cid]["page"],
+                found[cid]["tokens"],
+            )
+            for cid, i in zip(ids, top, strict=True)
+            if cid in found
+        ]

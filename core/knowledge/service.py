@@ -10,16 +10,18 @@
 Heavy steps (extraction, chunking, embedding, SQLite writes) block; `index_document` hands each one to
 an OS thread with `run_blocking`, so it can be driven from a green thread that emits progress events.
 """
+
 from __future__ import annotations
 
 import bisect
 import logging
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from core.concurrency import os_event, os_lock, run_blocking
 from core.config import Settings
@@ -67,17 +69,35 @@ class IndexJob:
 
     def public(self) -> dict:
         e = self.extracted
-        return {"id": self.id, "name": e.name, "collection": self.collection, "kind": e.kind,
-                "size_bytes": len(e.data), "sha256": e.sha256, "chars": len(e.text), "chunks": self.total,
-                "created_at": self.created_at, "status": self.status,
-                "progress": {"done": self.done, "total": self.total}}
+        return {
+            "id": self.id,
+            "name": e.name,
+            "collection": self.collection,
+            "kind": e.kind,
+            "size_bytes": len(e.data),
+            "sha256": e.sha256,
+            "chars": len(e.text),
+            "chunks": self.total,
+            "created_at": self.created_at,
+            "status": self.status,
+            "progress": {"done": self.done, "total": self.total},
+        }
 
 
 def public_document(row: dict) -> dict:
-    return {"id": row["id"], "name": row["name"], "collection": row["collection"], "kind": row["kind"],
-            "size_bytes": row["size_bytes"], "sha256": row["sha256"], "chars": row["chars"],
-            "chunks": row["chunk_count"], "created_at": row["created_at"], "status": "ready",
-            "progress": {"done": row["chunk_count"], "total": row["chunk_count"]}}
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "collection": row["collection"],
+        "kind": row["kind"],
+        "size_bytes": row["size_bytes"],
+        "sha256": row["sha256"],
+        "chars": row["chars"],
+        "chunks": row["chunk_count"],
+        "created_at": row["created_at"],
+        "status": "ready",
+        "progress": {"done": row["chunk_count"], "total": row["chunk_count"]},
+    }
 
 
 class KnowledgeService:
@@ -89,12 +109,16 @@ class KnowledgeService:
         self.root = settings.data_path / "knowledge"
         self.files_dir = self.root / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
-        self.embedder = embedder or EmbeddingEngine(settings.knowledge_embedding_model or None,
-                                                    device=settings.knowledge_device)
+        self.embedder = embedder or EmbeddingEngine(
+            settings.knowledge_embedding_model or None, device=settings.knowledge_device
+        )
         self.index = VectorIndex(self.root / "knowledge.db", self.embedder.model_id, self.embedder.dimension)
         if self.index.embedding_model != self.embedder.model_id:
-            log.warning("event=knowledge_model_changed indexed_with=%s now=%s note=re-upload documents to reindex",
-                        self.index.embedding_model, self.embedder.model_id)
+            log.warning(
+                "event=knowledge_model_changed indexed_with=%s now=%s note=re-upload documents to reindex",
+                self.index.embedding_model,
+                self.embedder.model_id,
+            )
         self.chunk_tokens = min(settings.knowledge_chunk_tokens, self.embedder.max_tokens - 2)
         self.overlap_tokens = min(settings.knowledge_chunk_overlap, self.chunk_tokens // 2)
         self.max_bytes = int(settings.knowledge_max_document_mb * 1024 * 1024)
@@ -137,8 +161,14 @@ class KnowledgeService:
             with self._lock:
                 self.jobs.pop(doc_id, None)
             raise IndexingFailed(f"could not store {extracted.name}: {exc}") from None
-        log.info("event=knowledge_accepted document=%s name=%s collection=%s bytes=%d chars=%d", doc_id,
-                 extracted.name, collection, len(data), len(extracted.text))
+        log.info(
+            "event=knowledge_accepted document=%s name=%s collection=%s bytes=%d chars=%d",
+            doc_id,
+            extracted.name,
+            collection,
+            len(data),
+            len(extracted.text),
+        )
         return job.public(), job
 
     def index_document(self, job: IndexJob, notify: Callable[[dict], None] | None = None) -> dict:
@@ -148,8 +178,17 @@ class KnowledgeService:
 
         def progress(status: str, **extra: Any) -> None:
             job.status = status
-            notify({"document_id": job.id, "name": job.extracted.name, "collection": job.collection,
-                    "status": status, "done": job.done, "total": job.total, **extra})
+            notify(
+                {
+                    "document_id": job.id,
+                    "name": job.extracted.name,
+                    "collection": job.collection,
+                    "status": status,
+                    "done": job.done,
+                    "total": job.total,
+                    **extra,
+                }
+            )
 
         try:
             progress("indexing")
@@ -165,7 +204,7 @@ class KnowledgeService:
                 for i in range(0, len(chunks), batch):
                     if job.cancel.is_set():
                         raise _Cancelled()
-                    vectors.append(run_blocking(self.embedder.embed, [c.text for c in chunks[i:i + batch]]))
+                    vectors.append(run_blocking(self.embedder.embed, [c.text for c in chunks[i : i + batch]]))
                     job.done = min(i + batch, len(chunks))
                     if time.monotonic() - last >= PROGRESS_EVERY_S or job.done == job.total:
                         last = time.monotonic()
@@ -175,10 +214,17 @@ class KnowledgeService:
             matrix = np.concatenate(vectors)
             starts = job.extracted.page_starts
             pages = [bisect.bisect_right(starts, c.start) if starts else None for c in chunks]
-            row = {"id": job.id, "collection": job.collection, "name": job.extracted.name,
-                   "kind": job.extracted.kind, "sha256": job.extracted.sha256,
-                   "size_bytes": len(job.extracted.data), "chars": len(job.extracted.text),
-                   "file": job.file.name, "created_at": job.created_at}
+            row = {
+                "id": job.id,
+                "collection": job.collection,
+                "name": job.extracted.name,
+                "kind": job.extracted.kind,
+                "sha256": job.extracted.sha256,
+                "size_bytes": len(job.extracted.data),
+                "chars": len(job.extracted.text),
+                "file": job.file.name,
+                "created_at": job.created_at,
+            }
             run_blocking(self._commit, job, row, chunks, matrix, pages)
         except _Cancelled:
             job.file.unlink(missing_ok=True)
@@ -189,15 +235,23 @@ class KnowledgeService:
             with self._lock:
                 self.jobs.pop(job.id, None)
             job.file.unlink(missing_ok=True)
-            error = exc if isinstance(exc, SwitchboardError) else IndexingFailed(
-                f"indexing {job.extracted.name} failed: {type(exc).__name__}: {exc}"[:400])
+            error = (
+                exc
+                if isinstance(exc, SwitchboardError)
+                else IndexingFailed(f"indexing {job.extracted.name} failed: {type(exc).__name__}: {exc}"[:400])
+            )
             log.error("event=knowledge_index_failed document=%s error=%r", job.id, exc)
             progress("failed", error=error.to_dict())
             raise error from None
         took = time.monotonic() - started
         document = public_document(run_blocking(self.index.get_document, job.id) or {**row, "chunk_count": len(chunks)})
-        log.info("event=knowledge_indexed document=%s chunks=%d took_ms=%d chunks_per_s=%.1f", job.id, len(chunks),
-                 took * 1000, len(chunks) / took if took > 0 else 0.0)
+        log.info(
+            "event=knowledge_indexed document=%s chunks=%d took_ms=%d chunks_per_s=%.1f",
+            job.id,
+            len(chunks),
+            took * 1000,
+            len(chunks) / took if took > 0 else 0.0,
+        )
         progress("ready", document=document, seconds=round(took, 3))
         return document
 
@@ -219,7 +273,8 @@ class KnowledgeService:
         with self._lock:
             pending = [j.public() for j in self.jobs.values()]
         return sorted(pending, key=lambda d: -d["created_at"]) + [
-            public_document(r) for r in self.index.list_documents()]
+            public_document(r) for r in self.index.list_documents()
+        ]
 
     def get(self, doc_id: str) -> dict:
         with self._lock:
@@ -263,8 +318,9 @@ class KnowledgeService:
             return []
         return [h for h in self.search(query, None, collection) if h.score >= self.settings.knowledge_min_score]
 
-    def augment(self, messages: list[Message], query: str, collection: str | None,
-                model: ModelInfo) -> tuple[list[Message], list[dict]]:
+    def augment(
+        self, messages: list[Message], query: str, collection: str | None, model: ModelInfo
+    ) -> tuple[list[Message], list[dict]]:
         """Put the relevant excerpts into the last user turn; returns (messages, sources). Blocking."""
         hits = self.relevant(query, collection)
         budget = max(min(self.settings.knowledge_context_tokens, model.context_length // 2), 64)
@@ -275,23 +331,38 @@ class KnowledgeService:
             if used + cost > budget:
                 if blocks:
                     break
-                text = text[:max(budget - 12, 16) * 3]  # the best hit alone is too long: cut it
+                text = text[: max(budget - 12, 16) * 3]  # the best hit alone is too long: cut it
             where = f"{hit.document}, page {hit.page}" if hit.page else hit.document
             blocks.append(f"[{len(blocks) + 1}] {where}:\n{text}")
             used += cost
             excerpt = hit.text if len(hit.text) <= EXCERPT_CHARS else hit.text[:EXCERPT_CHARS].rstrip() + "…"
-            sources.append({"document": hit.document, "document_id": hit.document_id, "chunk": hit.chunk,
-                            "page": hit.page, "score": round(hit.score, 4), "excerpt": excerpt,
-                            "collection": hit.collection})
-        content = (PROMPT.format(excerpts="\n\n".join(blocks), question=query) if blocks
-                   else NOTHING_RELEVANT.format(question=query))
+            sources.append(
+                {
+                    "document": hit.document,
+                    "document_id": hit.document_id,
+                    "chunk": hit.chunk,
+                    "page": hit.page,
+                    "score": round(hit.score, 4),
+                    "excerpt": excerpt,
+                    "collection": hit.collection,
+                }
+            )
+        content = (
+            PROMPT.format(excerpts="\n\n".join(blocks), question=query)
+            if blocks
+            else NOTHING_RELEVANT.format(question=query)
+        )
         out = list(messages)
         if out and out[-1].role == "user":
             out[-1] = Message("user", content)
         else:
             out.append(Message("user", content))
-        log.info("event=knowledge_retrieved model=%s sources=%d best=%s", model.id, len(sources),
-                 f"{hits[0].score:.3f}" if hits else None)
+        log.info(
+            "event=knowledge_retrieved model=%s sources=%d best=%s",
+            model.id,
+            len(sources),
+            f"{hits[0].score:.3f}" if hits else None,
+        )
         return out, sources
 
 

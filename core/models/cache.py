@@ -3,6 +3,7 @@
 A model directory counts as *ready* only when its manifest exists and every file it lists is on disk
 with the listed size; anything else with files in it is *incomplete* and is never loaded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,9 +83,16 @@ class ModelCache:
         except (OSError, ValueError):
             return None
 
-    def write_manifest(self, repo_id: str, directory: Path | None = None, *, source: str,
-                       revision: str | None = None, hashes: dict[str, str] | None = None,
-                       files: Iterable[str] | None = None) -> dict:
+    def write_manifest(
+        self,
+        repo_id: str,
+        directory: Path | None = None,
+        *,
+        source: str,
+        revision: str | None = None,
+        hashes: dict[str, str] | None = None,
+        files: Iterable[str] | None = None,
+    ) -> dict:
         """Record the model's files with size and sha256 (computed if not given).
 
         `files` limits the manifest to those relative paths (a download lists what it fetched);
@@ -92,8 +100,11 @@ class ModelCache:
         """
         directory = Path(directory or self.path_for(repo_id))
         if files is None:
-            paths = sorted(p for p in directory.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+            paths = sorted(
+                p
+                for p in directory.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+            )
         else:
             paths = [directory / rel for rel in sorted(files)]
         entries = []
@@ -101,8 +112,13 @@ class ModelCache:
             rel = file.relative_to(directory).as_posix()
             digest = (hashes or {}).get(rel) or sha256_file(file)
             entries.append({"path": rel, "size": file.stat().st_size, "sha256": digest})
-        manifest = {"repo_id": repo_id, "revision": revision, "source": source,
-                    "completed_at": time.time(), "files": entries}
+        manifest = {
+            "repo_id": repo_id,
+            "revision": revision,
+            "source": source,
+            "completed_at": time.time(),
+            "files": entries,
+        }
         _write_json_atomic(directory / MANIFEST_NAME, manifest)
         return manifest
 
@@ -132,7 +148,9 @@ class ModelCache:
             except OSError:
                 return CacheStatus(repo_id, path, INCOMPLETE, f"{entry['path']} missing")
             if size != entry["size"]:
-                return CacheStatus(repo_id, path, INCOMPLETE, f"{entry['path']} has {size} bytes, expected {entry['size']}")
+                return CacheStatus(
+                    repo_id, path, INCOMPLETE, f"{entry['path']} has {size} bytes, expected {entry['size']}"
+                )
         return CacheStatus(repo_id, path, READY)
 
     def touch_last_used(self, repo_id: str) -> None:
@@ -166,8 +184,9 @@ class ModelCache:
         path = self.path_for(repo_id)
         lock = self.lock(repo_id)
         if not lock.try_acquire():
-            raise Busy(f"{repo_id} is being downloaded or converted (pid {lock.holder() or '?'}); "
-                       "try again when it ends")
+            raise Busy(
+                f"{repo_id} is being downloaded or converted (pid {lock.holder() or '?'}); try again when it ends"
+            )
         try:
             freed = disk_usage(path)
             if path.exists():
@@ -200,8 +219,9 @@ class ModelCache:
         locks = [self.lock(repo_id).path] if repo_id else sorted(lock_root.glob("*/*.lock"))
         for path in locks:
             if path.is_file() and not ModelLock(path).is_held():
-                found.append(Leftover(path, "stale lock file", path.stat().st_size,
-                                      f"{path.parent.name}/{path.name[:-5]}"))
+                found.append(
+                    Leftover(path, "stale lock file", path.stat().st_size, f"{path.parent.name}/{path.name[:-5]}")
+                )
         for org in {self.path_for(r).parent for r in repos} if repo_id else _subdirs(self.root):
             for staging in sorted(org.glob(".*.converting-*")):  # bundled.py's staging dirs of dead processes
                 if staging.is_dir() and not _pid_alive(staging.name.rsplit("-", 1)[-1]):
@@ -209,8 +229,11 @@ class ModelCache:
         if not repo_id:
             for parent in (self.root, lock_root):
                 with contextlib.suppress(OSError):
-                    found += [Leftover(d, "empty directory", 0) for d in sorted(parent.iterdir())
-                              if d.is_dir() and not d.name.startswith(".") and not any(d.iterdir())]
+                    found += [
+                        Leftover(d, "empty directory", 0)
+                        for d in sorted(parent.iterdir())
+                        if d.is_dir() and not d.name.startswith(".") and not any(d.iterdir())
+                    ]
         return found
 
     def remove_leftover(self, item: Leftover) -> None:
@@ -243,8 +266,9 @@ class ModelCache:
             return report
         lock = self.lock(repo_id)
         if not lock.try_acquire():
-            report.problems.append({"path": None, "problem": "busy",
-                                    "detail": f"being downloaded (pid {lock.holder() or '?'})"})
+            report.problems.append(
+                {"path": None, "problem": "busy", "detail": f"being downloaded (pid {lock.holder() or '?'})"}
+            )
             return report
         try:
             manifest = self.read_manifest(repo_id)

@@ -1,4 +1,5 @@
 """Local models Switchboard knows by name, whether or not their files are on disk yet."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ Data goes to stdout (tables, or JSON with --json), messages and progress to stde
 documented in docs/models.md. `add_commands` plugs into run.py's argparse; `python -m core.models.cli`
 runs the same commands on their own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(sb_command=("models", "list"))
     p = msub.add_parser("pull", help="download a model (resumes an interrupted download)")
     p.add_argument("name", help="hub repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
-    p.add_argument("--endpoint", action="append", metavar="URL",
-                   help="hub endpoint to use instead of models.endpoints (repeat for fallbacks)")
+    p.add_argument(
+        "--endpoint",
+        action="append",
+        metavar="URL",
+        help="hub endpoint to use instead of models.endpoints (repeat for fallbacks)",
+    )
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
     p.add_argument("--refresh", action="store_true", help="ask the hub even if the model is complete")
     p.add_argument("--no-wait", action="store_true", help="fail instead of waiting for another process")
@@ -107,7 +112,7 @@ def _when(ts: float | None) -> str | None:
 
 def _repo(name: str) -> str:
     """Accept `org/name` or the page's `local:org/name`; reject anything that could leave MODEL_DIR."""
-    repo = name[len("local:"):] if name.startswith("local:") else name
+    repo = name[len("local:") :] if name.startswith("local:") else name
     validate_repo_id(repo)
     return repo
 
@@ -122,8 +127,7 @@ def _confirm(question: str, force: bool) -> bool:
     if force:
         return True
     if not sys.stdin.isatty():
-        raise _Refused(f"refusing: {question.rstrip('?')} needs confirmation and stdin is not a terminal; "
-                       "pass --force")
+        raise _Refused(f"refusing: {question.rstrip('?')} needs confirmation and stdin is not a terminal; pass --force")
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
     return sys.stdin.readline().strip().lower() in ("y", "yes")
 
@@ -134,19 +138,34 @@ def models_list(args: argparse.Namespace, settings: object, cache: ModelCache) -
     rows = []
     for repo in repos:
         status, entry = cache.status(repo), find_entry(repo)
-        rows.append({"model": repo, "name": entry.name if entry else "", "status": status.status,
-                     "reason": status.reason, "downloading": cache.is_locked(repo),
-                     "size_bytes": disk_usage(status.path) if status.status != MISSING else 0,
-                     "path": str(status.path), "last_used": _when(cache.last_used(repo)),
-                     "in_catalog": entry is not None})
+        rows.append(
+            {
+                "model": repo,
+                "name": entry.name if entry else "",
+                "status": status.status,
+                "reason": status.reason,
+                "downloading": cache.is_locked(repo),
+                "size_bytes": disk_usage(status.path) if status.status != MISSING else 0,
+                "path": str(status.path),
+                "last_used": _when(cache.last_used(repo)),
+                "in_catalog": entry is not None,
+            }
+        )
     if args.json:
         _out(json.dumps(rows, indent=2))
         return EXIT_OK
     table = [["MODEL", "STATUS", "SIZE", "LAST USED", "PATH"]]
     for r in rows:
         status = r["status"] + (" (downloading)" if r["downloading"] else "")
-        table.append([r["model"], status, _human(r["size_bytes"]) if r["size_bytes"] else "-",
-                      r["last_used"] or "never", r["path"]])
+        table.append(
+            [
+                r["model"],
+                status,
+                _human(r["size_bytes"]) if r["size_bytes"] else "-",
+                r["last_used"] or "never",
+                r["path"],
+            ]
+        )
     _out(_table(table))
     return EXIT_OK
 
@@ -166,8 +185,16 @@ def models_pull(args: argparse.Namespace, settings: object, cache: ModelCache) -
             _err(f"{repo} is being downloaded by another process (pid {p.get('holder') or '?'}); waiting for it")
             return
         if bar is None:
-            bar = tqdm(total=p["total"], unit="B", unit_scale=True, unit_divisor=1024, desc=repo,
-                       file=sys.stderr, dynamic_ncols=True, disable=None)  # None: no bar without a TTY
+            bar = tqdm(
+                total=p["total"],
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=repo,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                disable=None,
+            )  # None: no bar without a TTY
         bar.total, bar.n = p["total"], p["bytes"]
         bar.set_postfix_str(f"{p['files_done']}/{p['files_total']} files", refresh=False)
         bar.refresh()
@@ -189,8 +216,10 @@ def models_pull(args: argparse.Namespace, settings: object, cache: ModelCache) -
     if result.already_present:
         _err(f"{repo} is already complete (revision {result.revision}); nothing to download")
     else:
-        _err(f"downloaded {repo}: {result.files} files, {_human(result.downloaded_bytes)} transferred in "
-             f"{result.elapsed:.1f} s from {result.source}")
+        _err(
+            f"downloaded {repo}: {result.files} files, {_human(result.downloaded_bytes)} transferred in "
+            f"{result.elapsed:.1f} s from {result.source}"
+        )
     _out(result.path)
     return EXIT_OK
 
@@ -205,8 +234,21 @@ def models_verify(args: argparse.Namespace, settings: object, cache: ModelCache)
         repos = cache.list_cached()
     reports = [cache.verify(r) for r in repos]
     if args.json:
-        _out(json.dumps([{"model": r.repo_id, "ok": r.ok, "files_checked": r.checked, "path": str(r.path),
-                          "problems": r.problems} for r in reports], indent=2))
+        _out(
+            json.dumps(
+                [
+                    {
+                        "model": r.repo_id,
+                        "ok": r.ok,
+                        "files_checked": r.checked,
+                        "path": str(r.path),
+                        "problems": r.problems,
+                    }
+                    for r in reports
+                ],
+                indent=2,
+            )
+        )
     else:
         for r in reports:
             _out(f"{'ok' if r.ok else 'PROBLEMS'}  {r.repo_id}  ({r.checked} files checked)")
@@ -238,14 +280,25 @@ def cache_list(args: argparse.Namespace, settings: object, cache: ModelCache) ->
     models = []
     for repo in cache.list_cached():
         status = cache.status(repo)
-        models.append({"model": repo, "status": status.status, "reason": status.reason,
-                       "size_bytes": disk_usage(status.path), "path": str(status.path)})
-    leftovers = [{"path": str(x.path), "kind": x.kind, "size_bytes": x.size, "model": x.repo_id}
-                 for x in cache.leftovers()]
+        models.append(
+            {
+                "model": repo,
+                "status": status.status,
+                "reason": status.reason,
+                "size_bytes": disk_usage(status.path),
+                "path": str(status.path),
+            }
+        )
+    leftovers = [
+        {"path": str(x.path), "kind": x.kind, "size_bytes": x.size, "model": x.repo_id} for x in cache.leftovers()
+    ]
     total = disk_usage(cache.root)
     if args.json:
-        _out(json.dumps({"root": str(cache.root), "models": models, "leftovers": leftovers,
-                         "total_bytes": total}, indent=2))
+        _out(
+            json.dumps(
+                {"root": str(cache.root), "models": models, "leftovers": leftovers, "total_bytes": total}, indent=2
+            )
+        )
         return EXIT_OK
     table = [["MODEL", "STATUS", "SIZE", "PATH"]]
     table += [[m["model"], m["status"], _human(m["size_bytes"]), m["path"]] for m in models]
@@ -295,8 +348,12 @@ def cache_clean(args: argparse.Namespace, settings: object, cache: ModelCache) -
 
 
 _HANDLERS: dict[tuple[str, str], Callable[[argparse.Namespace, object, ModelCache], int]] = {
-    ("models", "list"): models_list, ("models", "pull"): models_pull, ("models", "verify"): models_verify,
-    ("models", "rm"): models_rm, ("cache", "list"): cache_list, ("cache", "clean"): cache_clean,
+    ("models", "list"): models_list,
+    ("models", "pull"): models_pull,
+    ("models", "verify"): models_verify,
+    ("models", "rm"): models_rm,
+    ("cache", "list"): cache_list,
+    ("cache", "clean"): cache_clean,
 }
 
 
@@ -310,8 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     add_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         settings = load_settings({"model_dir": args.model_dir, "data_dir": args.data_dir})
     except BadRequest as exc:

@@ -5,6 +5,7 @@ endpoints); the bytes are fetched here with Range requests into MODEL_DIR/<org>/
 because huggingface_hub deletes its own temp files when a process fails and so cannot resume after a crash.
 Jobs, listeners and progress payloads live in core.models.jobs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,13 +22,39 @@ from huggingface_hub.errors import EntryNotFoundError
 from core.concurrency import os_lock, start_os_thread
 from core.errors import BadRequest, SwitchboardError
 from core.models.cache import PARTIAL_DIR, READY, ModelCache, validate_repo_id
-from core.models.hub import (HEX40, HEX64, STORAGE_ERRNOS, DownloadCancelled, DownloadError, Hashers, NextEndpoint,
-                             RemoteFile, Retry, SkipFile, StorageError, classify, disk_error, file_metadata,
-                             fetch_model_info, hash_file, read_json, request_headers, select_files, write_json)
+from core.models.hub import (
+    HEX40,
+    HEX64,
+    STORAGE_ERRNOS,
+    DownloadCancelled,
+    DownloadError,
+    Hashers,
+    NextEndpoint,
+    RemoteFile,
+    Retry,
+    SkipFile,
+    StorageError,
+    classify,
+    disk_error,
+    fetch_model_info,
+    file_metadata,
+    hash_file,
+    read_json,
+    request_headers,
+    select_files,
+    write_json,
+)
 from core.models.jobs import DONE, ERROR, PROGRESS, Callback, DownloadJob, DownloadResult, Progress
 
-__all__ = ["DownloadCancelled", "DownloadError", "DownloadJob", "DownloadManager", "DownloadResult", "StorageError",
-           "select_files"]
+__all__ = [
+    "DownloadCancelled",
+    "DownloadError",
+    "DownloadJob",
+    "DownloadManager",
+    "DownloadResult",
+    "StorageError",
+    "select_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +68,19 @@ _REGISTRY_LOCK = os_lock()  # guards _REGISTRY: at most one running job per (cac
 class DownloadManager:
     """Starts downloads, shares one per model within the process and, via the cache lock, across processes."""
 
-    def __init__(self, cache: ModelCache | Path | str, endpoints: list[str], *, token: str | None = None,
-                 retries: int = 3, retry_delay: float = 2.0, timeout: float = 30.0, wait_for_lock: bool = True,
-                 progress_interval: float = 0.25,
-                 spawn: Callable[[Callable[[], None]], object] | None = None) -> None:
+    def __init__(
+        self,
+        cache: ModelCache | Path | str,
+        endpoints: list[str],
+        *,
+        token: str | None = None,
+        retries: int = 3,
+        retry_delay: float = 2.0,
+        timeout: float = 30.0,
+        wait_for_lock: bool = True,
+        progress_interval: float = 0.25,
+        spawn: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
         self.cache = cache if isinstance(cache, ModelCache) else ModelCache(Path(cache))
         self.endpoints = [e.rstrip("/") for e in endpoints if e and e.strip()]
         if not self.endpoints:
@@ -61,16 +97,28 @@ class DownloadManager:
     @classmethod
     def from_settings(cls, settings: object, *, endpoints: list[str] | None = None, **kw: object) -> DownloadManager:
         """Build from Settings; retries/delay also come from SWITCHBOARD_DOWNLOAD_RETRIES / _RETRY_DELAY."""
-        kw.setdefault("retries", int(getattr(settings, "download_retries", 0)
-                                     or os.environ.get("SWITCHBOARD_DOWNLOAD_RETRIES") or 3))
+        kw.setdefault(
+            "retries",
+            int(getattr(settings, "download_retries", 0) or os.environ.get("SWITCHBOARD_DOWNLOAD_RETRIES") or 3),
+        )
         delay = getattr(settings, "download_retry_delay", None)
-        kw.setdefault("retry_delay", float(delay if delay is not None
-                                           else os.environ.get("SWITCHBOARD_DOWNLOAD_RETRY_DELAY") or 2.0))
+        kw.setdefault(
+            "retry_delay",
+            float(delay if delay is not None else os.environ.get("SWITCHBOARD_DOWNLOAD_RETRY_DELAY") or 2.0),
+        )
         return cls(ModelCache(settings.model_path), endpoints or list(settings.hf_endpoints), **kw)  # type: ignore[attr-defined]
 
-    def start(self, repo_id: str, *, revision: str | None = None, force: bool = False,
-              on_progress: Callback | None = None, on_done: Callback | None = None, on_error: Callback | None = None,
-              cancel: object | None = None) -> DownloadJob:
+    def start(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        force: bool = False,
+        on_progress: Callback | None = None,
+        on_done: Callback | None = None,
+        on_error: Callback | None = None,
+        cancel: object | None = None,
+    ) -> DownloadJob:
         """Start (or join) the download of `repo_id` in a background thread; bad names raise here."""
         validate_repo_id(repo_id)
         key = (str(self.cache.root.resolve()), repo_id)
@@ -151,16 +199,30 @@ class _Transfer:
 
     def run(self) -> DownloadResult:
         manifest = self.cache.read_manifest(self.repo)
-        if (manifest and self.cache.status(self.repo).status == READY and not self.force
-                and self.revision in (None, manifest.get("revision"))):
+        if (
+            manifest
+            and self.cache.status(self.repo).status == READY
+            and not self.force
+            and self.revision in (None, manifest.get("revision"))
+        ):
             log.info("%s is already complete", self.repo)
-            return self._result(manifest.get("revision"), manifest.get("source"), len(manifest["files"]), 0,
-                                sum(f["size"] for f in manifest["files"]), already_present=True)
+            return self._result(
+                manifest.get("revision"),
+                manifest.get("source"),
+                len(manifest["files"]),
+                0,
+                sum(f["size"] for f in manifest["files"]),
+                already_present=True,
+            )
         info = self._with_endpoints("list the files", lambda ep: fetch_model_info(self.m, ep, self.repo, self.revision))
         commit = getattr(info, "sha", None) or self.revision or "main"
         siblings = {s.rfilename: s for s in (getattr(info, "siblings", None) or [])}
-        files = [RemoteFile(n, siblings[n].size, siblings[n].lfs.sha256 if siblings[n].lfs else None,
-                            siblings[n].blob_id, required) for n, required in select_files(self.repo, list(siblings))]
+        files = [
+            RemoteFile(
+                n, siblings[n].size, siblings[n].lfs.sha256 if siblings[n].lfs else None, siblings[n].blob_id, required
+            )
+            for n, required in select_files(self.repo, list(siblings))
+        ]
         try:
             self.partial.mkdir(parents=True, exist_ok=True)
             known = self._known_good(manifest)
@@ -177,8 +239,9 @@ class _Transfer:
                 self.progress.files_done += 1
         for rf in todo:
             try:
-                hashes[rf.name] = self._with_endpoints(f"download {rf.name}",
-                                                       lambda ep, rf=rf: self._fetch(ep, rf, commit))
+                hashes[rf.name] = self._with_endpoints(
+                    f"download {rf.name}", lambda ep, rf=rf: self._fetch(ep, rf, commit)
+                )
             except SkipFile:
                 log.info("%s: optional %s is not on the hub; skipped", self.repo, rf.name)
                 self.progress.total -= rf.size or 0
@@ -188,8 +251,9 @@ class _Transfer:
         names = [rf.name for rf in files if rf.name in hashes]
         source = self.m.endpoints[self.used_endpoint]
         try:
-            self.cache.write_manifest(self.repo, self.target, source=source, revision=commit, hashes=hashes,
-                                      files=names)
+            self.cache.write_manifest(
+                self.repo, self.target, source=source, revision=commit, hashes=hashes, files=names
+            )
         except OSError as exc:
             raise disk_error(exc, self.target) from exc
         shutil.rmtree(self.partial, ignore_errors=True)
@@ -198,10 +262,26 @@ class _Transfer:
             raise DownloadError(f"{self.repo} downloaded but is not usable: {status.reason}")
         return self._result(commit, source, len(names), self.progress.session_bytes, self.progress.total)
 
-    def _result(self, revision: str | None, source: str | None, files: int, downloaded: int, total: int,
-                already_present: bool = False) -> DownloadResult:
-        return DownloadResult(self.repo, str(self.target), revision, source, files, downloaded, total,
-                              round(time.monotonic() - self.started, 3), already_present)
+    def _result(
+        self,
+        revision: str | None,
+        source: str | None,
+        files: int,
+        downloaded: int,
+        total: int,
+        already_present: bool = False,
+    ) -> DownloadResult:
+        return DownloadResult(
+            self.repo,
+            str(self.target),
+            revision,
+            source,
+            files,
+            downloaded,
+            total,
+            round(time.monotonic() - self.started, 3),
+            already_present,
+        )
 
     def _with_endpoints(self, what: str, fn: Callable[[str], object]) -> object:
         """Call fn(endpoint) with retries per endpoint, moving on after connection errors and 5xx."""
@@ -235,8 +315,16 @@ class _Transfer:
                 if tries >= self.m.retries or attempts >= MAX_ATTEMPTS:
                     self.failures.append(f"{endpoint}: {reason} ({tries} tries)")
                     break
-                log.warning("%s: %s from %s failed (%s); try %d of %d in %.1f s", self.repo, what, endpoint,
-                            reason, tries + 1, self.m.retries, self.m.retry_delay)
+                log.warning(
+                    "%s: %s from %s failed (%s); try %d of %d in %.1f s",
+                    self.repo,
+                    what,
+                    endpoint,
+                    reason,
+                    tries + 1,
+                    self.m.retries,
+                    self.m.retry_delay,
+                )
                 if self.job.cancel_event.wait(self.m.retry_delay):
                     raise DownloadCancelled(f"download of {self.repo} cancelled; partial files kept for resume")
             self.first_endpoint = index + 1
@@ -287,8 +375,10 @@ class _Transfer:
             need += max(0, (rf.size or 0) - (part.stat().st_size if part.exists() else 0))
         free = shutil.disk_usage(self.partial).free
         if need > free:
-            raise StorageError(f"not enough disk space in {self.target}: {need / 1e6:.1f} MB still to download, "
-                               f"{free / 1e6:.1f} MB free; partial files are kept for resume")
+            raise StorageError(
+                f"not enough disk space in {self.target}: {need / 1e6:.1f} MB still to download, "
+                f"{free / 1e6:.1f} MB free; partial files are kept for resume"
+            )
 
     def _fetch(self, endpoint: str, rf: RemoteFile, commit: str) -> str:
         """Resume or start one file into .partial, verify size and checksum, then rename it into place."""
@@ -328,8 +418,11 @@ class _Transfer:
         if size is not None and actual < size:
             raise Retry(f"{rf.name}: connection ended after {actual} of {size} bytes")
         digest = hashers.sha256.hexdigest()
-        if ((size is not None and actual > size) or (sha_expected and digest != sha_expected)
-                or (git_expected and hashers.git_sha1() != git_expected)):
+        if (
+            (size is not None and actual > size)
+            or (sha_expected and digest != sha_expected)
+            or (git_expected and hashers.git_sha1() != git_expected)
+        ):
             part.unlink()
             self.progress.set_file(rf.name, 0)
             err = Retry(f"{rf.name}: size or checksum does not match the hub's; downloading it again")
@@ -340,8 +433,9 @@ class _Transfer:
         self._record(rf.name, actual, digest)
         return digest
 
-    def _stream(self, url: str, endpoint: str, name: str, part: Path, offset: int, hashers: Hashers,
-                git_size: int | None) -> Hashers:
+    def _stream(
+        self, url: str, endpoint: str, name: str, part: Path, offset: int, hashers: Hashers, git_size: int | None
+    ) -> Hashers:
         headers = request_headers(self.m, endpoint)
         if offset:
             headers["Range"] = f"bytes={offset}-"

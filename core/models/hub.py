@@ -4,6 +4,7 @@ huggingface_hub answers the questions (file list, sizes, sha256, commit, URLs, a
 wraps those calls, decides which files a model needs, and turns failures into retry / next endpoint /
 a clear user-facing error. The bytes themselves are fetched by core.models.downloads.
 """
+
 from __future__ import annotations
 
 import errno
@@ -18,8 +19,13 @@ from typing import Any
 
 import requests
 from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
-from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError,
-                                    RevisionNotFoundError)
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import build_hf_headers
 
 from core.errors import AuthFailed, BadRequest, ModelNotFound, SwitchboardError
@@ -27,10 +33,22 @@ from core.models.cache import TOKENIZER_FILES
 
 _SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # top-level names only: no '/', no '..' start
 HEX64, HEX40 = re.compile(r"^[0-9a-f]{64}$"), re.compile(r"^[0-9a-f]{40}$")
-OPTIONAL_FILES = frozenset({
-    "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "chat_template.jinja",
-    "chat_template.json"})
+OPTIONAL_FILES = frozenset(
+    {
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "vocab.txt",
+        "spiece.model",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -86,12 +104,16 @@ def select_files(repo_id: str, names: list[str]) -> list[tuple[str, bool]]:
         raise BadRequest(f"{repo_id} has no *.safetensors or pytorch_model*.bin weights")
     if not top & set(TOKENIZER_FILES):
         raise BadRequest(f"{repo_id} has no tokenizer ({', '.join(TOKENIZER_FILES)})")
-    return ([("config.json", True)] + [(n, False) for n in sorted(top & OPTIONAL_FILES)]
-            + [(n, True) for n in ([index] if index in top else []) + weights])
+    return (
+        [("config.json", True)]
+        + [(n, False) for n in sorted(top & OPTIONAL_FILES)]
+        + [(n, True) for n in ([index] if index in top else []) + weights]
+    )
 
 
 # --- asking the hub ----------------------------------------------------------------------------
 # `manager` is the DownloadManager: it knows the token per endpoint and the timeout.
+
 
 def fetch_model_info(manager: Any, endpoint: str, repo_id: str, revision: str | None) -> object:
     """Ask one endpoint for the commit and every file's size, LFS sha256 and blob id."""
@@ -102,8 +124,9 @@ def fetch_model_info(manager: Any, endpoint: str, repo_id: str, revision: str | 
 def file_metadata(manager: Any, endpoint: str, repo_id: str, name: str, commit: str) -> tuple[str, object]:
     """URL and HEAD metadata (etag, size, commit) of one file; 404 raises EntryNotFoundError."""
     url = hf_hub_url(repo_id, name, revision=commit, endpoint=endpoint)
-    return url, get_hf_file_metadata(url, token=manager.token_for(endpoint), timeout=manager.timeout,
-                                     endpoint=endpoint, library_name="switchboard")
+    return url, get_hf_file_metadata(
+        url, token=manager.token_for(endpoint), timeout=manager.timeout, endpoint=endpoint, library_name="switchboard"
+    )
 
 
 def request_headers(manager: Any, endpoint: str) -> dict[str, str]:
@@ -113,6 +136,7 @@ def request_headers(manager: Any, endpoint: str) -> dict[str, str]:
 
 
 # --- judging failures --------------------------------------------------------------------------
+
 
 def classify(exc: BaseException) -> tuple[str, str]:
     """('retry' | 'next', reason) for a failed request; raises the user-facing error when fatal."""
@@ -127,8 +151,9 @@ def classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, GatedRepoError):
         raise AuthFailed("the model is gated: accept its terms on the hub and set HF_TOKEN") from exc
     if isinstance(exc, RepositoryNotFoundError):
-        raise ModelNotFound(f"model not found on the hub ({_status(exc)}); a private or gated model "
-                            "needs HF_TOKEN") from exc
+        raise ModelNotFound(
+            f"model not found on the hub ({_status(exc)}); a private or gated model needs HF_TOKEN"
+        ) from exc
     if isinstance(exc, (HfHubHTTPError, requests.HTTPError)):
         status = _status(exc)
         if status is None or status >= 500 or status in (408, 429):
@@ -152,8 +177,9 @@ def classify(exc: BaseException) -> tuple[str, str]:
 def disk_error(exc: OSError, path: Path) -> SwitchboardError:
     """A clear message for a failed disk operation; partial files are never deleted because of one."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageError(f"disk full while writing {path}; the partial download is kept, free some space "
-                            "and pull again to resume")
+        return StorageError(
+            f"disk full while writing {path}; the partial download is kept, free some space and pull again to resume"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageError(f"cannot write {path}: {os.strerror(exc.errno)}; check MODEL_DIR's permissions")
     return DownloadError(f"cannot use {path}: {exc}")
@@ -170,6 +196,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 # --- checksums and small state files -----------------------------------------------------------
+
 
 def hash_file(path: Path, git_size: int | None = None) -> tuple[str, str | None]:
     """sha256 of a file and, when `git_size` is given, its git blob sha1 (the hub's etag of small files)."""

@@ -2,9 +2,10 @@
 
 The download runs in a real OS thread while requesters may be green threads (the server under eventlet),
 so every primitive here is an un-patched one from core.concurrency: a patched lock or event held or set
-across OS threads never wakes its waiter (../../shared/NOTES.md). Listeners are called from the download's
+across OS threads never wakes its waiter (docs/architecture.md). Listeners are called from the download's
 thread; a server hands their payloads to its green side through an `os_queue`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,12 @@ class DownloadResult:
 
     def to_event(self) -> dict:
         data = asdict(self)
-        return {"model": data.pop("repo_id"), "bytes": data.pop("downloaded_bytes"), "total": data.pop("total_bytes"),
-                **data}
+        return {
+            "model": data.pop("repo_id"),
+            "bytes": data.pop("downloaded_bytes"),
+            "total": data.pop("total_bytes"),
+            **data,
+        }
 
 
 class DownloadJob:
@@ -133,7 +138,17 @@ class Progress:
         t0, b0 = self._samples[0]
         speed = (self.session_bytes - b0) / (now - t0) if now > t0 else 0.0
         left = max(0, self.total - self.bytes)
-        self.job.emit(PROGRESS, {"model": self.job.repo_id, "state": "downloading", "file": self.file,
-                                 "bytes": self.bytes, "total": self.total, "files_done": self.files_done,
-                                 "files_total": self.files_total, "speed": round(speed, 1),
-                                 "eta": round(left / speed, 1) if speed > 0 else None})
+        self.job.emit(
+            PROGRESS,
+            {
+                "model": self.job.repo_id,
+                "state": "downloading",
+                "file": self.file,
+                "bytes": self.bytes,
+                "total": self.total,
+                "files_done": self.files_done,
+                "files_total": self.files_total,
+                "speed": round(speed, 1),
+                "eta": round(left / speed, 1) if speed > 0 else None,
+            },
+        )

@@ -1,4 +1,5 @@
 """The cross-process lock that guards one model's files while a download, conversion or removal changes them."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,9 +1,11 @@
 """The one interface every backend implements, so the router and chat service never special-case one."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 from core.concurrency import run_blocking
 from core.types import ChatOptions, Message, ModelInfo, StreamResult
@@ -75,8 +77,15 @@ class Provider(ABC):
     ) -> Iterator[str]:
         """Yield the answer's text deltas; raise a core.errors.SwitchboardError on failure."""
 
-    def push_chat(self, model: ModelInfo, messages: list[Message], options: ChatOptions, cancel: CancelToken,
-                  result: StreamResult, emit: Callable[[Any], None]) -> None:
+    def push_chat(
+        self,
+        model: ModelInfo,
+        messages: list[Message],
+        options: ChatOptions,
+        cancel: CancelToken,
+        result: StreamResult,
+        emit: Callable[[Any], None],
+    ) -> None:
         """`stream_chat`, handing each delta to `emit` in the calling thread. In-process backends
         override it to skip a thread hop per token; the chat service always calls this one."""
         for piece in self.stream_chat(model, messages, options, cancel, result):
@@ -95,7 +104,8 @@ class Provider(ABC):
         return []
 
     def unload(self, model: ModelInfo | None = None) -> None:
-        """Free the memory held for `model` (or everything when None)."""
+        """Free the memory held for `model` (or everything when None); nothing to free by default."""
+        return None
 
     def count_tokens(self, model: ModelInfo, messages: list[Message]) -> int:
         """Tokens the messages take in the model's context; an estimate unless overridden."""

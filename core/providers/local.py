@@ -1,8 +1,10 @@
 """Local models run in-process with transformers, from the model cache (MODEL_DIR/<org>/<name>)."""
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from core.concurrency import os_lock
 from core.engines.chat import TransformersChatEngine
@@ -74,14 +76,22 @@ class LocalProvider(Provider):
             reason = f"incomplete: {why}"
         elif status != READY:
             reason = f"not downloaded ({entry.approx_size})"
-        return ModelInfo(id=LOCAL_PREFIX + entry.repo_id, name=entry.name, provider="local", connection="local",
-                         native_name=entry.repo_id, available=available, reason=reason,
-                         context_length=entry.context_length,
-                         details={"status": status, "bundled": entry.bundled, "size": entry.approx_size})
+        return ModelInfo(
+            id=LOCAL_PREFIX + entry.repo_id,
+            name=entry.name,
+            provider="local",
+            connection="local",
+            native_name=entry.repo_id,
+            available=available,
+            reason=reason,
+            context_length=entry.context_length,
+            details={"status": status, "bundled": entry.bundled, "size": entry.approx_size},
+        )
 
     def list_models(self, refresh: bool = False) -> ProviderGroup:
-        return ProviderGroup(self.key, self.display_name, self.kind, True, None,
-                             [self.model_info(e) for e in self._entries()])
+        return ProviderGroup(
+            self.key, self.display_name, self.kind, True, None, [self.model_info(e) for e in self._entries()]
+        )
 
     # -- engines ---------------------------------------------------------------------------------
     def prepare_bundled(self) -> None:
@@ -121,12 +131,14 @@ class LocalProvider(Provider):
         with self._engines_lock:
             engine = self.engines.get(repo)
             if engine is None:
-                engine = self.engines[repo] = TransformersChatEngine(repo, self.cache.path_for(repo), self.device,
-                                                                     park_in_ram=self.park_in_ram)
+                engine = self.engines[repo] = TransformersChatEngine(
+                    repo, self.cache.path_for(repo), self.device, park_in_ram=self.park_in_ram
+                )
         return engine
 
-    def stream_chat(self, model: ModelInfo, messages: list[Message], options: ChatOptions,
-                    cancel: CancelToken, result: StreamResult) -> Iterator[str]:
+    def stream_chat(
+        self, model: ModelInfo, messages: list[Message], options: ChatOptions, cancel: CancelToken, result: StreamResult
+    ) -> Iterator[str]:
         engine = self.engine_for(model)
         # Placement (what else to unload first) is the resource manager's job; generate() loads
         # lazily only when a provider is used without one (tools, unit tests).
@@ -135,8 +147,15 @@ class LocalProvider(Provider):
         finally:
             self.cache.touch_last_used(model.native_name)
 
-    def push_chat(self, model: ModelInfo, messages: list[Message], options: ChatOptions, cancel: CancelToken,
-                  result: StreamResult, emit: Callable[[Any], None]) -> None:
+    def push_chat(
+        self,
+        model: ModelInfo,
+        messages: list[Message],
+        options: ChatOptions,
+        cancel: CancelToken,
+        result: StreamResult,
+        emit: Callable[[Any], None],
+    ) -> None:
         engine = self.engine_for(model)
         try:
             engine.generate_to(messages, options, cancel, result, emit)
@@ -153,8 +172,11 @@ class LocalProvider(Provider):
             self.engines.pop(repo, None)
 
     def loaded_models(self) -> list[dict]:
-        return [{"name": e.model_id, "device": e.device, "dtype": e.dtype, "size": e.memory_bytes()}
-                for e in self.engines.values() if e.is_loaded()]
+        return [
+            {"name": e.model_id, "device": e.device, "dtype": e.dtype, "size": e.memory_bytes()}
+            for e in self.engines.values()
+            if e.is_loaded()
+        ]
 
     def unload(self, model: ModelInfo | None = None) -> None:
         for repo, engine in list(self.engines.items()):

@@ -2,6 +2,7 @@
 
 Uses plain `requests`; no Ollama client library. Every failure becomes a core.errors type.
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -11,7 +12,8 @@ import re
 import socket
 import threading
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -41,7 +43,7 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 def normalize_name(name: str) -> str:
     """Ollama's `model:tag` form: a name without a tag means `:latest`; an `ollama:` id prefix is dropped."""
     if name.startswith(ID_PREFIX):
-        name = name[len(ID_PREFIX):]
+        name = name[len(ID_PREFIX) :]
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
@@ -123,11 +125,13 @@ class OllamaProvider(Provider):
         try:
             return self._session().request(method, self._url(path), **kw)
         except requests.exceptions.ConnectTimeout:
-            raise ProviderTimeout(f"Ollama at {self.host} did not accept a connection within "
-                                  f"{self.settings.connect_timeout:g}s") from None
+            raise ProviderTimeout(
+                f"Ollama at {self.host} did not accept a connection within {self.settings.connect_timeout:g}s"
+            ) from None
         except requests.exceptions.Timeout:
-            raise ProviderTimeout(f"Ollama at {self.host} did not answer {path} within "
-                                  f"{self.settings.idle_timeout:g}s") from None
+            raise ProviderTimeout(
+                f"Ollama at {self.host} did not answer {path} within {self.settings.idle_timeout:g}s"
+            ) from None
         except requests.exceptions.ConnectionError:
             raise self._unreachable() from None
 
@@ -142,8 +146,10 @@ class OllamaProvider(Provider):
         if status in (401, 403):
             raise AuthFailed(f"Ollama at {self.host} refused the request ({status}): {text}")
         if status == 429:
-            raise RateLimited(f"Ollama at {self.host} is busy (429): {text}",
-                              retry_after=_retry_after(resp.headers.get("Retry-After")))
+            raise RateLimited(
+                f"Ollama at {self.host} is busy (429): {text}",
+                retry_after=_retry_after(resp.headers.get("Retry-After")),
+            )
         raise ProviderError(f"Ollama error {status}: {text}")
 
     # -- discovery ----------------------------------------------------------------------------
@@ -170,8 +176,9 @@ class OllamaProvider(Provider):
         except (ValueError, AttributeError):
             group.available, group.reason = False, f"Ollama at {self.host} sent an unreadable model list"
         else:
-            group.models = sorted((self._model_info(e) for e in entries if isinstance(e, dict) and e.get("name")),
-                                  key=lambda m: m.name)
+            group.models = sorted(
+                (self._model_info(e) for e in entries if isinstance(e, dict) and e.get("name")), key=lambda m: m.name
+            )
             log.debug("event=ollama_discovered models=%d host=%s", len(group.models), self.host)
             return group
         log.info("event=ollama_unavailable reason=%s", group.reason)
@@ -181,7 +188,11 @@ class OllamaProvider(Provider):
         name = str(entry["name"])
         details = entry.get("details") or {}
         return ModelInfo(
-            id=ID_PREFIX + name, name=name, provider=self.kind, connection=self.key, native_name=name,
+            id=ID_PREFIX + name,
+            name=name,
+            provider=self.kind,
+            connection=self.key,
+            native_name=name,
             details={
                 "parameter_size": details.get("parameter_size"),
                 "quantization_level": details.get("quantization_level"),
@@ -192,12 +203,20 @@ class OllamaProvider(Provider):
 
     # -- chat ---------------------------------------------------------------------------------
     def _chat_body(self, model: ModelInfo, messages: list[Message], options: ChatOptions) -> dict:
-        opts: dict[str, Any] = {"temperature": options.temperature, "top_p": options.top_p,
-                                "num_predict": options.max_new_tokens}
+        opts: dict[str, Any] = {
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+            "num_predict": options.max_new_tokens,
+        }
         if options.stop:
             opts["stop"] = list(options.stop)
-        return {"model": model.native_name, "messages": [m.to_dict() for m in messages], "stream": True,
-                "options": opts, "keep_alive": keep_alive_value(self.settings.ollama_keep_alive)}
+        return {
+            "model": model.native_name,
+            "messages": [m.to_dict() for m in messages],
+            "stream": True,
+            "options": opts,
+            "keep_alive": keep_alive_value(self.settings.ollama_keep_alive),
+        }
 
     def stream_chat(
         self,
@@ -218,11 +237,16 @@ class OllamaProvider(Provider):
         idle_s = float(self.settings.idle_timeout)
         started = time.monotonic()
         try:
-            resp = self._session().post(self._url("/api/chat"), json=self._chat_body(model, messages, options),
-                                        stream=True, timeout=(float(self.settings.connect_timeout), first_s))
+            resp = self._session().post(
+                self._url("/api/chat"),
+                json=self._chat_body(model, messages, options),
+                stream=True,
+                timeout=(float(self.settings.connect_timeout), first_s),
+            )
         except requests.exceptions.ConnectTimeout:
-            raise ProviderTimeout(f"Ollama at {self.host} did not accept a connection within "
-                                  f"{self.settings.connect_timeout:g}s") from None
+            raise ProviderTimeout(
+                f"Ollama at {self.host} did not accept a connection within {self.settings.connect_timeout:g}s"
+            ) from None
         except requests.exceptions.Timeout:
             raise ProviderTimeout(f"Ollama sent no token from {name} within {first_s:g}s") from None
         except requests.exceptions.ConnectionError:
@@ -232,7 +256,7 @@ class OllamaProvider(Provider):
             if resp.status_code != 200:
                 self._raise_for_status(resp, model=name)
             got_first = False
-            for obj in self._ndjson(resp, name, first_s, idle_s, lambda: got_first):
+            for obj in self._ndjson(resp, name, first_s, idle_s, lambda: got_first):  # noqa: B023 (reads the latest)
                 if cancel.is_set():
                     result.finish_reason = "cancelled"
                     log.info("event=ollama_chat_cancelled model=%s", name)
@@ -244,7 +268,7 @@ class OllamaProvider(Provider):
                     self._set_read_timeout(resp, idle_s)
                 message = obj.get("message") or {}
                 thinking = message.get("thinking") or ""
-                if thinking:   # a thinking model's trace (Ollama >= 0.9), kept off the answer text
+                if thinking:  # a thinking model's trace (Ollama >= 0.9), kept off the answer text
                     yield Reasoning(thinking)
                 content = message.get("content") or ""
                 if content:
@@ -257,16 +281,22 @@ class OllamaProvider(Provider):
                     result.finish_reason = "length" if obj.get("done_reason") == "length" else "stop"
                     result.usage.prompt_tokens = int(obj.get("prompt_eval_count") or 0)
                     result.usage.completion_tokens = int(obj.get("eval_count") or 0)
-                    log.info("event=ollama_chat_done model=%s finish=%s prompt_tokens=%d completion_tokens=%d seconds=%.2f", name, result.finish_reason,
-                             result.usage.prompt_tokens, result.usage.completion_tokens,
-                             time.monotonic() - started)
+                    log.info(
+                        "event=ollama_chat_done model=%s finish=%s prompt_tokens=%d completion_tokens=%d seconds=%.2f",
+                        name,
+                        result.finish_reason,
+                        result.usage.prompt_tokens,
+                        result.usage.completion_tokens,
+                        time.monotonic() - started,
+                    )
                     return
             raise StreamInterrupted(f"Ollama's answer from {name} ended before it was complete")
         finally:
             resp.close()
 
-    def _ndjson(self, resp: requests.Response, name: str, first_s: float, idle_s: float,
-                got_first: Any) -> Iterator[dict]:
+    def _ndjson(
+        self, resp: requests.Response, name: str, first_s: float, idle_s: float, got_first: Any
+    ) -> Iterator[dict]:
         """Objects from the NDJSON body; transport failures mapped to core.errors."""
         buf = b""
         chunks = iter(resp.iter_content(chunk_size=None))
@@ -275,11 +305,14 @@ class OllamaProvider(Provider):
                 chunk = next(chunks)
             except StopIteration:
                 break
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, socket.timeout) as exc:
+            except (TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
                 if isinstance(exc, (requests.exceptions.Timeout, socket.timeout)) or (
-                        exc.args and isinstance(exc.args[0], ReadTimeoutError)):
+                    exc.args and isinstance(exc.args[0], ReadTimeoutError)
+                ):
                     if got_first():
-                        raise ProviderTimeout(f"Ollama's stream from {name} stalled: no token for {idle_s:g}s") from None
+                        raise ProviderTimeout(
+                            f"Ollama's stream from {name} stalled: no token for {idle_s:g}s"
+                        ) from None
                     raise ProviderTimeout(f"Ollama sent no token from {name} within {first_s:g}s") from None
                 raise StreamInterrupted(f"Ollama's connection dropped while {name} was answering") from None
             except requests.exceptions.RequestException:
@@ -333,8 +366,15 @@ class OllamaProvider(Provider):
         for m in models:
             size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
             device = "cpu" if vram <= 0 else ("gpu" if vram >= size else "gpu+cpu")
-            out.append({"name": m["name"], "size": size, "size_vram": vram,
-                        "expires_at": m.get("expires_at"), "device": device})
+            out.append(
+                {
+                    "name": m["name"],
+                    "size": size,
+                    "size_vram": vram,
+                    "expires_at": m.get("expires_at"),
+                    "device": device,
+                }
+            )
         return out
 
     def unload(self, model: ModelInfo | str | None = None) -> None:
@@ -370,6 +410,10 @@ class OllamaProvider(Provider):
                 log.info("event=ollama_unloaded models=%s", ",".join(sorted(wanted)) or "-")
                 return True
             if time.monotonic() >= deadline:
-                log.warning("event=ollama_unload_timeout seconds=%.1f still_loaded=%s", timeout, ",".join(sorted(wanted & loaded)))
+                log.warning(
+                    "event=ollama_unload_timeout seconds=%.1f still_loaded=%s",
+                    timeout,
+                    ",".join(sorted(wanted & loaded)),
+                )
                 return False
             time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))

@@ -4,6 +4,7 @@ Each connection is one Provider: its models come from the configured `models` li
 empty, from GET {base_url}/models (cached `discovery_ttl` seconds). The API key is read from the
 connection's env var at call time and never leaves this module: not in ModelInfo, groups, errors or logs.
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -11,15 +12,25 @@ import hashlib
 import logging
 import os
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
 from core.concurrency import os_lock
 from core.config import ConnectionConfig, Settings
-from core.errors import (AuthFailed, ModelNotFound, ModelUnavailable, ProviderError, ProviderTimeout,
-                         ProviderUnreachable, RateLimited, StreamInterrupted, SwitchboardError)
+from core.errors import (
+    AuthFailed,
+    ModelNotFound,
+    ModelUnavailable,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnreachable,
+    RateLimited,
+    StreamInterrupted,
+    SwitchboardError,
+)
 from core.providers.base import CancelToken, Provider, ProviderGroup
 from core.providers.watchdog import StreamWatchdog
 from core.reasoning import Reasoning
@@ -28,8 +39,8 @@ from core.types import ChatOptions, Message, ModelInfo, StreamResult, Usage
 log = logging.getLogger(__name__)
 
 NO_API_KEY = "NO_API_KEY"
-PLACEHOLDER_KEY = "no-key"       # sent when a server needs no key (the SDK insists on one)
-DISCOVERY_READ_TIMEOUT = 15.0    # seconds for GET /models once connected
+PLACEHOLDER_KEY = "no-key"  # sent when a server needs no key (the SDK insists on one)
+DISCOVERY_READ_TIMEOUT = 15.0  # seconds for GET /models once connected
 MAX_IDLE_CLIENTS = 4
 
 
@@ -100,7 +111,7 @@ class OpenAICompatProvider(Provider):
         self.settings = settings
         self.key = conn.key
         self.display_name = conn.name
-        self._cache: tuple[float, str, ProviderGroup] | None = None   # (time, key digest, group)
+        self._cache: tuple[float, str, ProviderGroup] | None = None  # (time, key digest, group)
         # Idle SDK clients, reused: building one costs ~20 ms, and its pool keeps the connection
         # warm, which is most of the relay's time to first token. A stream takes a client for
         # itself: httpx's locks are the app's (green under eventlet) and must never be contended
@@ -151,15 +162,28 @@ class OpenAICompatProvider(Provider):
         return display_url(self.conn.base_url)
 
     # -- discovery -------------------------------------------------------------------------------
-    def model_info(self, name: str, available: bool = True, reason: str | None = None,
-               context_length: int | None = None, owned_by: str | None = None) -> ModelInfo:
-        details: dict[str, Any] = {"url": self.conn.url, "base_url": self.url,
-                                   "default": name == self.conn.default}
+    def model_info(
+        self,
+        name: str,
+        available: bool = True,
+        reason: str | None = None,
+        context_length: int | None = None,
+        owned_by: str | None = None,
+    ) -> ModelInfo:
+        details: dict[str, Any] = {"url": self.conn.url, "base_url": self.url, "default": name == self.conn.default}
         if owned_by:
             details["owned_by"] = owned_by
-        return ModelInfo(id=f"{self.conn.key}:{name}", name=name, provider=self.kind, connection=self.conn.key,
-                         native_name=name, available=available, reason=reason,
-                         context_length=context_length or 4096, details=details)
+        return ModelInfo(
+            id=f"{self.conn.key}:{name}",
+            name=name,
+            provider=self.kind,
+            connection=self.conn.key,
+            native_name=name,
+            available=available,
+            reason=reason,
+            context_length=context_length or 4096,
+            details=details,
+        )
 
     def _group(self, available: bool, reason: str | None, models: list[ModelInfo]) -> ProviderGroup:
         return ProviderGroup(self.key, self.display_name, self.kind, available, reason, models)
@@ -190,8 +214,13 @@ class OpenAICompatProvider(Provider):
                 for item in page.data:
                     extra = item.model_extra or {}
                     ctx = extra.get("max_model_len") or extra.get("context_length") or extra.get("context_window")
-                    models.append(self.model_info(item.id, context_length=ctx if isinstance(ctx, int) else None,
-                                                  owned_by=getattr(item, "owned_by", None)))
+                    models.append(
+                        self.model_info(
+                            item.id,
+                            context_length=ctx if isinstance(ctx, int) else None,
+                            owned_by=getattr(item, "owned_by", None),
+                        )
+                    )
         except Exception as exc:  # one bad backend must never break the listing
             reason = self._discovery_reason(exc, key)
             log.warning("event=openai_discovery_failed connection=%s reason=%s", self.key, reason)
@@ -214,29 +243,41 @@ class OpenAICompatProvider(Provider):
             return f"{self.url}/models answered 404: list the models with models = [...] in the config"
         if isinstance(exc, openai.APIStatusError):
             detail = _status_detail(exc)
-            return self._scrub(f"GET {self.url}/models failed (HTTP {exc.status_code})"
-                               f"{': ' + detail if detail else ''}", key)
+            return self._scrub(
+                f"GET {self.url}/models failed (HTTP {exc.status_code}){': ' + detail if detail else ''}", key
+            )
         return self._scrub(f"model discovery failed: {type(exc).__name__}: {exc}", key)[:300]
 
     # -- chat ------------------------------------------------------------------------------------
-    def stream_chat(self, model: ModelInfo, messages: list[Message], options: ChatOptions,
-                    cancel: CancelToken, result: StreamResult) -> Iterator[str]:
+    def stream_chat(
+        self, model: ModelInfo, messages: list[Message], options: ChatOptions, cancel: CancelToken, result: StreamResult
+    ) -> Iterator[str]:
         """Stream the answer; any failure becomes a core.errors type, stop closes the HTTP response."""
         try:
             yield from self._stream(model, messages, options, cancel, result)
         except SwitchboardError as exc:
-            log.warning("event=openai_error connection=%s model=%s code=%s message=%s", self.key,
-                        model.native_name, exc.code, exc.message)
+            log.warning(
+                "event=openai_error connection=%s model=%s code=%s message=%s",
+                self.key,
+                model.native_name,
+                exc.code,
+                exc.message,
+            )
             raise
 
-    def _stream(self, model: ModelInfo, messages: list[Message], options: ChatOptions,
-                cancel: CancelToken, result: StreamResult) -> Iterator[str]:
+    def _stream(
+        self, model: ModelInfo, messages: list[Message], options: ChatOptions, cancel: CancelToken, result: StreamResult
+    ) -> Iterator[str]:
         key = self._api_key()
         if key is None:
             raise ModelUnavailable(f"{self.display_name} is unavailable: set {self.conn.env}")
         params: dict[str, Any] = {
-            "model": model.native_name, "messages": [m.to_dict() for m in messages], "stream": True,
-            "temperature": options.temperature, "top_p": options.top_p, "max_tokens": options.max_new_tokens,
+            "model": model.native_name,
+            "messages": [m.to_dict() for m in messages],
+            "stream": True,
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+            "max_tokens": options.max_new_tokens,
         }
         if options.stop:
             params["stop"] = list(options.stop)
@@ -253,8 +294,9 @@ class OpenAICompatProvider(Provider):
                 stream = self._open(client, params)
             except openai.OpenAIError as exc:
                 raise self._error(exc, model, key, streaming=False) from None
-            watch = StreamWatchdog(cancel, stream.response, started, self.settings.first_token_timeout,
-                              self.settings.idle_timeout)
+            watch = StreamWatchdog(
+                cancel, stream.response, started, self.settings.first_token_timeout, self.settings.idle_timeout
+            )
             try:
                 for chunk in stream:
                     if cancel.is_set():
@@ -263,7 +305,7 @@ class OpenAICompatProvider(Provider):
                     choice = chunk.choices[0] if chunk.choices else None
                     delta = getattr(choice, "delta", None)
                     reasoning = (getattr(delta, "model_extra", None) or {}).get("reasoning_content")
-                    if reasoning:   # DeepSeek-R1, vLLM reasoning parsers: kept off the answer text
+                    if reasoning:  # DeepSeek-R1, vLLM reasoning parsers: kept off the answer text
                         yield Reasoning(reasoning)
                     text = getattr(delta, "content", None)
                     finish = getattr(choice, "finish_reason", None) or finish
@@ -273,10 +315,10 @@ class OpenAICompatProvider(Provider):
                         yield text
             except openai.OpenAIError as exc:
                 if watch.tripped == "cancelled" or cancel.is_set():
-                    pass   # our own shutdown of the socket ended the read
+                    pass  # our own shutdown of the socket ended the read
                 elif watch.tripped:
                     raise self._timeout(watch.tripped) from None
-                elif isinstance(exc, openai.APITimeoutError):   # the read-timeout backstop
+                elif isinstance(exc, openai.APITimeoutError):  # the read-timeout backstop
                     raise self._timeout("idle" if watch.got_token else "first_token") from None
                 else:
                     raise self._error(exc, model, key, streaming=True, chunks=chunks) from None
@@ -284,23 +326,31 @@ class OpenAICompatProvider(Provider):
             if watch is not None:
                 watch.stop()
             if stream is not None:
-                stream.close()   # closes the HTTP response, so the server sees the disconnect
+                stream.close()  # closes the HTTP response, so the server sees the disconnect
             self._return_client(key, client)
         if cancel.is_set():
             result.finish_reason = "cancelled"
-            log.info("event=openai_stream_cancelled connection=%s model=%s chunks=%d", self.key,
-                     model.native_name, chunks)
+            log.info(
+                "event=openai_stream_cancelled connection=%s model=%s chunks=%d", self.key, model.native_name, chunks
+            )
             return
         if finish is None:
-            raise StreamInterrupted(f"{self.display_name} ended the stream before the answer was finished "
-                                    f"(after {chunks} chunks)")
+            raise StreamInterrupted(
+                f"{self.display_name} ended the stream before the answer was finished (after {chunks} chunks)"
+            )
         result.finish_reason = "length" if finish == "length" else "stop"
         if usage is not None:
             result.usage = Usage(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
         else:
             result.usage = Usage(self.count_tokens(model, messages), chunks)
-        log.info("event=openai_stream_done connection=%s model=%s finish=%s chunks=%d ms=%d", self.key,
-                 model.native_name, finish, chunks, (time.monotonic() - started) * 1000)
+        log.info(
+            "event=openai_stream_done connection=%s model=%s finish=%s chunks=%d ms=%d",
+            self.key,
+            model.native_name,
+            finish,
+            chunks,
+            (time.monotonic() - started) * 1000,
+        )
 
     def _open(self, client: openai.OpenAI, params: dict[str, Any]) -> Any:
         """Start the stream asking for usage; servers that reject stream_options get it once without."""
@@ -315,20 +365,25 @@ class OpenAICompatProvider(Provider):
     # -- errors ----------------------------------------------------------------------------------
     def _timeout(self, why: str) -> ProviderTimeout:
         if why == "first_token":
-            return ProviderTimeout(f"{self.display_name} sent no token within "
-                                   f"{self.settings.first_token_timeout:g} s (timeouts.first_token)")
-        return ProviderTimeout(f"{self.display_name} sent nothing for {self.settings.idle_timeout:g} s "
-                               f"mid-answer (timeouts.idle)")
+            return ProviderTimeout(
+                f"{self.display_name} sent no token within "
+                f"{self.settings.first_token_timeout:g} s (timeouts.first_token)"
+            )
+        return ProviderTimeout(
+            f"{self.display_name} sent nothing for {self.settings.idle_timeout:g} s mid-answer (timeouts.idle)"
+        )
 
-    def _error(self, exc: openai.OpenAIError, model: ModelInfo, key: str, *, streaming: bool,
-               chunks: int = 0) -> SwitchboardError:
+    def _error(
+        self, exc: openai.OpenAIError, model: ModelInfo, key: str, *, streaming: bool, chunks: int = 0
+    ) -> SwitchboardError:
         """The core.errors type for an SDK failure, with a message a person can act on (key scrubbed)."""
         name, causes = self.display_name, _cause_names(exc)
         error: SwitchboardError
         if isinstance(exc, openai.APITimeoutError):
             if "ConnectTimeout" in causes:
-                error = ProviderTimeout(f"{name} did not accept a connection at {self.url} within "
-                                        f"{self.settings.connect_timeout:g} s")
+                error = ProviderTimeout(
+                    f"{name} did not accept a connection at {self.url} within {self.settings.connect_timeout:g} s"
+                )
             else:
                 error = self._timeout("first_token")
         elif isinstance(exc, openai.APIConnectionError):
@@ -342,14 +397,15 @@ class OpenAICompatProvider(Provider):
                 error = ProviderUnreachable(f"{name} is not reachable at {self.url}: is the server running?")
         elif isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
             if self.conn.env == NO_API_KEY:
-                hint = f"this server needs a key: set env = \"VAR\" in [model_names.{self.key}] and export VAR"
+                hint = f'this server needs a key: set env = "VAR" in [model_names.{self.key}] and export VAR'
             else:
                 hint = f"check {self.conn.env}"
             error = AuthFailed(f"{name} rejected the API key (HTTP {exc.status_code}): {hint}")
         elif isinstance(exc, openai.NotFoundError):
             detail = _status_detail(exc)
-            error = ModelNotFound(f"{name} has no model {model.native_name!r} (HTTP 404"
-                                  f"{': ' + detail if detail else ''})")
+            error = ModelNotFound(
+                f"{name} has no model {model.native_name!r} (HTTP 404{': ' + detail if detail else ''})"
+            )
         elif isinstance(exc, openai.RateLimitError):
             wait = retry_after_seconds(exc.response.headers)
             when = f"; retry after {wait:g} s" if wait is not None else "; try again later"

@@ -1,4 +1,5 @@
 """A watchdog for one HTTP stream: stop, first-token and idle limits for a read blocked in a socket."""
+
 from __future__ import annotations
 
 import socket
@@ -18,14 +19,13 @@ class StreamWatchdog:
     watches them and shuts the socket down; the blocked read then fails and `tripped` says why.
     """
 
-    def __init__(self, cancel: CancelToken, response: Any, started: float, first_token_s: float,
-                 idle_s: float) -> None:
+    def __init__(self, cancel: CancelToken, response: Any, started: float, first_token_s: float, idle_s: float) -> None:
         self.cancel = cancel
         self.first_token_s = first_token_s
         self.idle_s = idle_s
         self.started, self.last = started, time.monotonic()
         self.got_token = False
-        self.tripped: str | None = None       # "cancelled" | "first_token" | "idle"
+        self.tripped: str | None = None  # "cancelled" | "first_token" | "idle"
         self._done = os_event()
         stream = getattr(response, "extensions", {}).get("network_stream")
         self._sock = stream.get_extra_info("socket") if stream is not None else None

@@ -9,14 +9,16 @@ Like Ollama's scheduler, routes never touch engines: they ask the manager. Invar
   leases end; a request for an engine that is being unloaded waits, then loads it again.
 - States come from the engines themselves (`engine.state`, `is_loaded()`), never from flags here.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from core.concurrency import run_blocking
 from core.engines.base import Engine
@@ -50,8 +52,14 @@ class Slot:
 class ResourceManager:
     """Loads engines on demand, frees memory by policy, and measures every load, unload and switch."""
 
-    def __init__(self, policy: str = "exclusive", budget_bytes: int = 0, ttl_s: dict[str, float] | None = None,
-                 ollama: Any | None = None, ollama_wait_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        policy: str = "exclusive",
+        budget_bytes: int = 0,
+        ttl_s: dict[str, float] | None = None,
+        ollama: Any | None = None,
+        ollama_wait_s: float = 10.0,
+    ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown resource policy {policy!r}; use one of {', '.join(POLICIES)}")
         self.policy = policy
@@ -80,8 +88,9 @@ class ResourceManager:
     def slots_of(self, model_id: str | None = None) -> list[Slot]:
         """The tracked slots (of one model's files, when given), read under the lock."""
         with self._cond:
-            return [s for s in self.slots.values()
-                    if model_id is None or getattr(s.engine, "model_id", None) == model_id]
+            return [
+                s for s in self.slots.values() if model_id is None or getattr(s.engine, "model_id", None) == model_id
+            ]
 
     def forget(self, engine: Engine) -> None:
         """Stop tracking an engine whose files are gone (it must be unloaded)."""
@@ -110,10 +119,17 @@ class ResourceManager:
         run_blocking(fn)
         after = memory.snapshot()
         engine = slot.engine
-        log.info("event=engine_%s engine=%s model=%s device=%s reason=%s took_ms=%d bytes=%d %s", action,
-                 "+".join(sorted(slot.roles)), getattr(engine, "model_id", "?"), getattr(engine, "device", "?"),
-                 reason, (time.monotonic() - started) * 1000, engine.memory_bytes(),
-                 memory.describe_change(before, after))
+        log.info(
+            "event=engine_%s engine=%s model=%s device=%s reason=%s took_ms=%d bytes=%d %s",
+            action,
+            "+".join(sorted(slot.roles)),
+            getattr(engine, "model_id", "?"),
+            getattr(engine, "device", "?"),
+            reason,
+            (time.monotonic() - started) * 1000,
+            engine.memory_bytes(),
+            memory.describe_change(before, after),
+        )
 
     def _unload(self, slot: Slot, reason: str) -> None:
         """Unload one engine after its leases end (caller holds `_switch`)."""
@@ -153,8 +169,12 @@ class ResourceManager:
             if run_blocking(self.ollama.wait_unloaded, loaded, self.ollama_wait_s):
                 log.info("event=ollama_unload models=%s reason=%s result=unloaded", ",".join(loaded), reason)
             else:
-                log.warning("event=ollama_unload models=%s reason=%s result=still_loaded_after_%.0fs",
-                            ",".join(loaded), reason, self.ollama_wait_s)
+                log.warning(
+                    "event=ollama_unload models=%s reason=%s result=still_loaded_after_%.0fs",
+                    ",".join(loaded),
+                    reason,
+                    self.ollama_wait_s,
+                )
         return loaded
 
     def _make_room(self, wanted: Slot | None, kind: str, reason: str) -> list[str]:
@@ -214,8 +234,9 @@ class ResourceManager:
                     self._cond.notify_all()
             self._changed()
 
-    def prepare(self, engine: Engine | None, kind: str, model_name: str, reason: str,
-                target: str | None = None) -> None:
+    def prepare(
+        self, engine: Engine | None, kind: str, model_name: str, reason: str, target: str | None = None
+    ) -> None:
         """What `select_model` does: switch now (free and load) without holding a lease."""
         if engine is not None:
             with self.use_engine(engine, "chat", reason, target):
@@ -234,22 +255,38 @@ class ResourceManager:
             self._load(slot, reason)
         after = memory.snapshot()
         self.current_kind = kind
-        self.last_switch = {"from": previous, "to": target, "at": time.time(), "unloaded": freed,
-                            "took_ms": round((time.monotonic() - started) * 1000),
-                            "rss_freed": before["rss"] - after["rss"],
-                            "gpu_freed": sum(b["used"] - a["used"] for b, a in zip(before["nvml"], after["nvml"])),
-                            "cuda_freed": sum(b["allocated"] - a["allocated"]
-                                              for b, a in zip(before["cuda"], after["cuda"]))}
-        log.info("event=model_switch from=%s to=%s reason=%s unloaded=%s took_ms=%d %s", previous, target, reason,
-                 ",".join(freed) or "-", self.last_switch["took_ms"], memory.describe_change(before, after))
+        self.last_switch = {
+            "from": previous,
+            "to": target,
+            "at": time.time(),
+            "unloaded": freed,
+            "took_ms": round((time.monotonic() - started) * 1000),
+            "rss_freed": before["rss"] - after["rss"],
+            "gpu_freed": sum(b["used"] - a["used"] for b, a in zip(before["nvml"], after["nvml"], strict=False)),
+            "cuda_freed": sum(
+                b["allocated"] - a["allocated"] for b, a in zip(before["cuda"], after["cuda"], strict=False)
+            ),
+        }
+        log.info(
+            "event=model_switch from=%s to=%s reason=%s unloaded=%s took_ms=%d %s",
+            previous,
+            target,
+            reason,
+            ",".join(freed) or "-",
+            self.last_switch["took_ms"],
+            memory.describe_change(before, after),
+        )
 
     # -- operators and timers ----------------------------------------------------------------------
     def unload(self, which: str = "all", reason: str = "operator") -> list[str]:
         """Unload engines by role name, slot key or 'all' (Ollama's models too for 'all')."""
         with self._switch:
             with self._cond:
-                chosen = [s for s in self.slots.values() if s.engine.is_loaded()
-                          and (which == "all" or which in s.roles or which == s.key)]
+                chosen = [
+                    s
+                    for s in self.slots.values()
+                    if s.engine.is_loaded() and (which == "all" or which in s.roles or which == s.key)
+                ]
             for slot in chosen:
                 self._unload(slot, reason)
             done = [s.key for s in chosen]
@@ -272,8 +309,13 @@ class ResourceManager:
         """Unload engines unused for longer than their role's TTL (0 or missing: never)."""
         now = time.time() if now is None else now
         with self._cond:
-            expired = [s for s in self.slots.values() if s.engine.is_loaded() and s.leases == 0 and any(
-                self.ttl_s.get(r, 0) > 0 and now - s.last_used > self.ttl_s[r] for r in s.roles)]
+            expired = [
+                s
+                for s in self.slots.values()
+                if s.engine.is_loaded()
+                and s.leases == 0
+                and any(self.ttl_s.get(r, 0) > 0 and now - s.last_used > self.ttl_s[r] for r in s.roles)
+            ]
         if not expired:
             return []
         with self._switch:
@@ -291,19 +333,31 @@ class ResourceManager:
         """
         with self._cond:
             slots = list(self.slots.values())
-            engines = [{
-                "key": s.key, "roles": sorted(s.roles), "model": getattr(s.engine, "model_id", None),
-                "state": "unloading" if s.unload_pending and s.engine.is_loaded() else s.engine.state,
-                "device": getattr(s.engine, "device", None), "bytes": s.engine.memory_bytes(),
-                "last_used": s.last_used, "leases": s.leases,
-                "waiting_for_leases": s.unload_pending and s.leases > 0,
-            } for s in slots]
+            engines = [
+                {
+                    "key": s.key,
+                    "roles": sorted(s.roles),
+                    "model": getattr(s.engine, "model_id", None),
+                    "state": "unloading" if s.unload_pending and s.engine.is_loaded() else s.engine.state,
+                    "device": getattr(s.engine, "device", None),
+                    "bytes": s.engine.memory_bytes(),
+                    "last_used": s.last_used,
+                    "leases": s.leases,
+                    "waiting_for_leases": s.unload_pending and s.leases > 0,
+                }
+                for s in slots
+            ]
             ollama_leases = {k: v for k, v in self.ollama_leases.items() if v}
         return {
-            "policy": self.policy, "budget_bytes": self.budget_bytes, "ttl_s": self.ttl_s,
-            "engines": engines, "current": self.last_switch["to"] if self.last_switch else None,
+            "policy": self.policy,
+            "budget_bytes": self.budget_bytes,
+            "ttl_s": self.ttl_s,
+            "engines": engines,
+            "current": self.last_switch["to"] if self.last_switch else None,
             "last_switch": self.last_switch,
-            "ollama": {"loaded": run_blocking(self.ollama.loaded_models) if (self.ollama and include_ollama) else [],
-                       "leases": ollama_leases},
+            "ollama": {
+                "loaded": run_blocking(self.ollama.loaded_models) if (self.ollama and include_ollama) else [],
+                "leases": ollama_leases,
+            },
             "devices": memory.device_totals(),
         }

@@ -3,6 +3,7 @@
 Every probe is cheap and never raises: a machine without a GPU (or without NVML) simply reports
 fewer figures.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,10 @@ def cuda_stats() -> list[dict[str, int]]:
         return []
     import torch
 
-    return [{"device": i, "allocated": int(torch.cuda.memory_allocated(i)),
-             "reserved": int(torch.cuda.memory_reserved(i))} for i in range(torch.cuda.device_count())]
+    return [
+        {"device": i, "allocated": int(torch.cuda.memory_allocated(i)), "reserved": int(torch.cuda.memory_reserved(i))}
+        for i in range(torch.cuda.device_count())
+    ]
 
 
 def _nvml() -> Any | None:
@@ -84,18 +87,23 @@ def gib(value: int) -> str:
 
 def describe_change(before: dict[str, Any], after: dict[str, Any]) -> str:
     """One log fragment: before/after/freed of RSS, each CUDA device's allocator and each GPU's NVML use."""
-    parts = [f"rss_before={gib(before['rss'])} rss_after={gib(after['rss'])} "
-             f"rss_freed={gib(before['rss'] - after['rss'])}"]
-    for b, a in zip(before.get("cuda", []), after.get("cuda", [])):
+    parts = [
+        f"rss_before={gib(before['rss'])} rss_after={gib(after['rss'])} rss_freed={gib(before['rss'] - after['rss'])}"
+    ]
+    for b, a in zip(before.get("cuda", []), after.get("cuda", []), strict=False):
         d = b["device"]
-        parts.append(f"cuda{d}_allocated_before={gib(b['allocated'])} cuda{d}_allocated_after={gib(a['allocated'])} "
-                     f"cuda{d}_allocated_freed={gib(b['allocated'] - a['allocated'])} "
-                     f"cuda{d}_reserved_before={gib(b['reserved'])} cuda{d}_reserved_after={gib(a['reserved'])} "
-                     f"cuda{d}_reserved_freed={gib(b['reserved'] - a['reserved'])}")
-    for b, a in zip(before.get("nvml", []), after.get("nvml", [])):
+        parts.append(
+            f"cuda{d}_allocated_before={gib(b['allocated'])} cuda{d}_allocated_after={gib(a['allocated'])} "
+            f"cuda{d}_allocated_freed={gib(b['allocated'] - a['allocated'])} "
+            f"cuda{d}_reserved_before={gib(b['reserved'])} cuda{d}_reserved_after={gib(a['reserved'])} "
+            f"cuda{d}_reserved_freed={gib(b['reserved'] - a['reserved'])}"
+        )
+    for b, a in zip(before.get("nvml", []), after.get("nvml", []), strict=False):
         g = b["gpu"]
-        parts.append(f"gpu{g}_used_before={gib(b['used'])} gpu{g}_used_after={gib(a['used'])} "
-                     f"gpu{g}_freed={gib(b['used'] - a['used'])}")
+        parts.append(
+            f"gpu{g}_used_before={gib(b['used'])} gpu{g}_used_after={gib(a['used'])} "
+            f"gpu{g}_freed={gib(b['used'] - a['used'])}"
+        )
     return " ".join(parts)
 
 
@@ -104,6 +112,11 @@ def device_totals() -> dict[str, Any]:
     import psutil
 
     vm = psutil.virtual_memory()
-    totals: dict[str, Any] = {"ram_total": int(vm.total), "ram_available": int(vm.available),
-                              "process_rss": process_rss(), "gpus": nvml_stats(), "cuda": cuda_stats()}
+    totals: dict[str, Any] = {
+        "ram_total": int(vm.total),
+        "ram_available": int(vm.available),
+        "process_rss": process_rss(),
+        "gpus": nvml_stats(),
+        "cuda": cuda_stats(),
+    }
     return totals

@@ -7,9 +7,11 @@
   ones first. External models evict nothing.
 - keep: never unload (operators and idle TTLs still can).
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 POLICIES = ("exclusive", "budget", "keep")
 

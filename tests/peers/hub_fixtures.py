@@ -3,6 +3,7 @@
 Import the fixtures into a test module (`from tests.peers.hub_fixtures import hub, tiny_model, ...`);
 conftest.py is the lead's, so nothing here is registered globally.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,12 +30,23 @@ def make_tiny_model(dest: Path, vocab_size: int = 2000) -> Path:
     vocab.update({f"w{i}": i + 4 for i in range(vocab_size - 4)})
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     LlamaForCausalLM(config).save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
     # a file a model does not need: the downloader must leave it on the hub

@@ -13,6 +13,7 @@ answers `status` to requests whose path contains `match` (count None = forever);
 GET /_log returns the request log (method, path, range, status, bytes sent, auth).
 Run as a process: python tests/peers/hub_server.py --port P --root DIR   (prints "READY <url>")
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,7 @@ class HubServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> HubServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True,
-                                        name="test hub")
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True, name="test hub")
         self._thread.start()
         return self
 
@@ -115,8 +115,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         parts = urlsplit(self.path)
         path, query = unquote(parts.path), parse_qs(parts.query)
-        entry = {"method": method, "path": path, "range": self.headers.get("Range"), "status": 0, "bytes": 0,
-                 "auth": self.headers.get("Authorization"), "time": time.time()}
+        entry = {
+            "method": method,
+            "path": path,
+            "range": self.headers.get("Range"),
+            "status": 0,
+            "bytes": 0,
+            "auth": self.headers.get("Authorization"),
+            "time": time.time(),
+        }
         with self.hub.lock:
             self.hub.log.append(entry)
         try:
@@ -157,8 +164,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, entry: dict, status: int, data: object, headers: dict | None = None) -> None:
         body = json.dumps(data).encode()
         self.send_response(status)
-        for key, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
-                           **(headers or {})}.items():
+        for key, value in {
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),
+            **(headers or {}),
+        }.items():
             self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
@@ -168,8 +178,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo_or_error(self, entry: dict, repo_id: str, rev: str) -> tuple[Path, str] | None:
         repo = self.hub.repo(repo_id)
         if repo is None:
-            self._json(entry, 401, {"error": "Repository not found"},
-                       {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
+            self._json(
+                entry,
+                401,
+                {"error": "Repository not found"},
+                {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},
+            )
             return None
         sha = self.hub.commit(repo)
         if rev not in ("main", sha):
@@ -190,8 +204,19 @@ class _Handler(BaseHTTPRequestHandler):
                 if "sha256" in info:
                     sib["lfs"] = {"sha256": info["sha256"], "size": info["size"], "pointerSize": 134}
             siblings.append(sib)
-        self._json(entry, 200, {"_id": repo_id, "id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
-                                "tags": [], "siblings": siblings})
+        self._json(
+            entry,
+            200,
+            {
+                "_id": repo_id,
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": sha,
+                "private": False,
+                "tags": [],
+                "siblings": siblings,
+            },
+        )
 
     def _tree(self, entry: dict, repo_id: str, rev: str) -> None:
         found = self._repo_or_error(entry, repo_id, rev)
@@ -212,8 +237,9 @@ class _Handler(BaseHTTPRequestHandler):
         repo, sha = found
         path = repo / name
         if "/" in name or not path.is_file():
-            return self._json(entry, 404, {"error": "Entry not found"},
-                              {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha})
+            return self._json(
+                entry, 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}
+            )
         info, data = _file_info(path), path.read_bytes()
         total, start, end = len(data), 0, len(data) - 1
         status = 200
@@ -229,11 +255,17 @@ class _Handler(BaseHTTPRequestHandler):
                 entry["status"] = 416
                 return
             status = 206
-        headers = {"X-Repo-Commit": sha, "Accept-Ranges": "bytes", "Content-Length": str(end - start + 1),
-                   "Content-Type": "application/octet-stream", "ETag": f'"{info["git_oid"]}"'}
+        headers = {
+            "X-Repo-Commit": sha,
+            "Accept-Ranges": "bytes",
+            "Content-Length": str(end - start + 1),
+            "Content-Type": "application/octet-stream",
+            "ETag": f'"{info["git_oid"]}"',
+        }
         if "sha256" in info:
-            headers.update({"X-Linked-Etag": f'"{info["sha256"]}"', "X-Linked-Size": str(total),
-                            "ETag": f'"{info["sha256"]}"'})
+            headers.update(
+                {"X-Linked-Etag": f'"{info["sha256"]}"', "X-Linked-Size": str(total), "ETag": f'"{info["sha256"]}"'}
+            )
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end}/{total}"
         self.send_response(status)
@@ -248,13 +280,13 @@ class _Handler(BaseHTTPRequestHandler):
             plan = self.hub.cut_after.get(name)
             if plan:
                 cut = plan.pop(0)
-        self._send_body(entry, data[start:end + 1], cut)
+        self._send_body(entry, data[start : end + 1], cut)
 
     def _send_body(self, entry: dict, body: bytes, cut: int | None) -> None:
         limit = len(body) if cut is None else min(cut, len(body))
         sent = 0
         while sent < limit:
-            chunk = body[sent:min(sent + BODY_CHUNK, limit)]
+            chunk = body[sent : min(sent + BODY_CHUNK, limit)]
             self.wfile.write(chunk)
             self.wfile.flush()
             sent += len(chunk)

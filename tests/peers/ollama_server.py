@@ -13,6 +13,7 @@ Test endpoints:
                                     disconnected, finished}]} (the /_test/ requests are not logged)
   POST /_test/reset                config back to defaults, log cleared, every model unloaded
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,20 +39,20 @@ THINKING_TEXT = "The user asks something. Let me answer plainly."
 FOREVER = math.inf
 
 DEFAULT_CONFIG: dict[str, Any] = {
-    "fail_status": None,          # answer this status with {"error": fail_error} ...
+    "fail_status": None,  # answer this status with {"error": fail_error} ...
     "fail_error": "something went wrong, please see the ollama server logs for details",
     "fail_paths": ["/api/chat"],  # ... on these paths ...
-    "fail_times": None,           # ... this many times (None: until reset)
-    "retry_after": None,          # Retry-After header sent with fail_status
-    "cut_after_chunks": None,     # drop the connection after N content chunks (no end chunk)
-    "error_after_chunks": None,   # send Ollama's mid-stream {"error": ...} line after N chunks
+    "fail_times": None,  # ... this many times (None: until reset)
+    "retry_after": None,  # Retry-After header sent with fail_status
+    "cut_after_chunks": None,  # drop the connection after N content chunks (no end chunk)
+    "error_after_chunks": None,  # send Ollama's mid-stream {"error": ...} line after N chunks
     "stream_error": "an error was encountered while running the model",
-    "delay_first_token_s": 0.0,   # before the first chunk (headers included, as Ollama does)
-    "chunk_delay_s": 0.02,        # between content chunks
-    "stall_after_chunks": None,   # pause stall_s after N chunks (idle timeout tests)
+    "delay_first_token_s": 0.0,  # before the first chunk (headers included, as Ollama does)
+    "chunk_delay_s": 0.02,  # between content chunks
+    "stall_after_chunks": None,  # pause stall_s after N chunks (idle timeout tests)
     "stall_s": 0.0,
-    "load_delay_s": 0.0,          # extra time to "load" a model that is not loaded
-    "ps_unload_delay_s": 0.0,     # an unloaded model stays in /api/ps this long
+    "load_delay_s": 0.0,  # extra time to "load" a model that is not loaded
+    "ps_unload_delay_s": 0.0,  # an unloaded model stays in /api/ps this long
 }
 
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -81,14 +82,14 @@ def parse_keep_alive(value: Any) -> float:
         num = re.match(r"\d*(?:\.\d*)?", text).group(0)
         if num in ("", "."):
             raise ValueError(f'time: invalid duration "{orig}"')
-        text = text[len(num):]
+        text = text[len(num) :]
         unit = re.match(r"[^\d.]*", text).group(0)
         if not unit:
             raise ValueError(f'time: missing unit in duration "{orig}"')
         if unit not in _GO_UNITS:
             raise ValueError(f'time: unknown unit "{unit}" in duration "{orig}"')
         total += float(num) * _GO_UNITS[unit]
-        text = text[len(unit):]
+        text = text[len(unit) :]
     return FOREVER if negative and total > 0 else total
 
 
@@ -102,7 +103,7 @@ def _iso(ts: float) -> str:
     try:
         when = dt.datetime.fromtimestamp(ts).astimezone()
     except (OverflowError, ValueError, OSError):
-        when = dt.datetime(2318, 1, 1, tzinfo=dt.timezone.utc)
+        when = dt.datetime(2318, 1, 1, tzinfo=dt.UTC)
     return when.isoformat(timespec="microseconds")
 
 
@@ -134,8 +135,9 @@ def model_entry(name: str) -> dict:
 
 def answer_for(messages: list) -> str:
     """The deterministic answer: a canned fact, else an echo of the last user message."""
-    last = next((m.get("content", "") for m in reversed(messages)
-                 if isinstance(m, dict) and m.get("role") == "user"), "")
+    last = next(
+        (m.get("content", "") for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), ""
+    )
     if "capital of france" in str(last).lower():
         return "The capital of France is Paris."
     return f"You said: {last}"
@@ -149,11 +151,11 @@ def split_tokens(text: str) -> list[str]:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "FakeOllama/" + VERSION
-    fake: "FakeOllama"
+    fake: FakeOllama
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by default
         if self.fake.verbose:
-            sys.stderr.write("%s - %s\n" % (self.address_string(), format % args))
+            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
 
     # -- plumbing -------------------------------------------------------------------------------
     def _send_json(self, status: int, obj: Any, headers: dict | None = None) -> None:
@@ -181,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
             return json.loads(raw), None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             pos = getattr(exc, "pos", 0) or 0
-            ch = raw[pos:pos + 1].decode(errors="replace") or "EOF"
+            ch = raw[pos : pos + 1].decode(errors="replace") or "EOF"
             return None, f"invalid character '{ch}' looking for beginning of value"
 
     def _dispatch(self) -> None:
@@ -198,9 +200,11 @@ class _Handler(BaseHTTPRequestHandler):
             hdrs = {"Retry-After": cfg["retry_after"]} if cfg["retry_after"] is not None else None
             return self._error(int(cfg["fail_status"]), cfg["fail_error"], hdrs)
         route = {
-            ("GET", "/"): self._root, ("HEAD", "/"): self._root,
+            ("GET", "/"): self._root,
+            ("HEAD", "/"): self._root,
             ("GET", "/api/version"): lambda: self._send_json(200, {"version": VERSION}),
-            ("GET", "/api/tags"): self._tags, ("GET", "/api/ps"): self._ps,
+            ("GET", "/api/tags"): self._tags,
+            ("GET", "/api/ps"): self._ps,
             ("POST", "/api/chat"): lambda: self._generate(body, err, chat=True),
             ("POST", "/api/generate"): lambda: self._generate(body, err, chat=False),
         }.get((self.command, path))
@@ -268,8 +272,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, "json: cannot unmarshal think")
         if think not in (None, False) and not thinks:
             return self._error(400, f'"{name}" does not support thinking')
-        self._answer(name, keep, chat, messages if chat else [{"role": "user", "content": prompt}],
-                     options, body.get("stream", True) is not False, thinks and think is not False)
+        self._answer(
+            name,
+            keep,
+            chat,
+            messages if chat else [{"role": "user", "content": prompt}],
+            options,
+            body.get("stream", True) is not False,
+            thinks and think is not False,
+        )
 
     def _load_or_unload(self, name: str, keep: float, chat: bool) -> None:
         reason = "unload" if keep == 0 else "load"
@@ -283,8 +294,9 @@ class _Handler(BaseHTTPRequestHandler):
         obj.update({"done_reason": reason, "done": True})
         self._send_json(200, obj)
 
-    def _answer(self, name: str, keep: float, chat: bool, messages: list, options: dict, stream: bool,
-                think: bool = False) -> None:
+    def _answer(
+        self, name: str, keep: float, chat: bool, messages: list, options: dict, stream: bool, think: bool = False
+    ) -> None:
         cfg = dict(self.fake.config)
         start = time.monotonic()
         load_s = self.fake.load(name)
@@ -292,11 +304,11 @@ class _Handler(BaseHTTPRequestHandler):
         reason = "stop"
         for s in options.get("stop") or []:
             if isinstance(s, str) and s and s in text:
-                text = text[:text.index(s)]
+                text = text[: text.index(s)]
         pieces = split_tokens(text)
         limit = options.get("num_predict")
         if isinstance(limit, (int, float)) and 0 < limit < len(pieces):
-            pieces, reason = pieces[:int(limit)], "length"
+            pieces, reason = pieces[: int(limit)], "length"
         prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in messages if isinstance(m, dict))
         thoughts = split_tokens(THINKING_TEXT) if think else []
 
@@ -316,10 +328,17 @@ class _Handler(BaseHTTPRequestHandler):
         def final(content: str, thinking: str = "") -> dict:
             o = obj(content, True, thinking)
             elapsed = int((time.monotonic() - start) * 1e9)
-            o.update({"done_reason": reason, "total_duration": elapsed, "load_duration": int(load_s * 1e9),
-                      "prompt_eval_count": prompt_tokens, "prompt_eval_duration": 1_000_000 * prompt_tokens,
-                      "eval_count": len(thoughts) + len(pieces),
-                      "eval_duration": max(elapsed - int(load_s * 1e9), 1)})
+            o.update(
+                {
+                    "done_reason": reason,
+                    "total_duration": elapsed,
+                    "load_duration": int(load_s * 1e9),
+                    "prompt_eval_count": prompt_tokens,
+                    "prompt_eval_duration": 1_000_000 * prompt_tokens,
+                    "eval_count": len(thoughts) + len(pieces),
+                    "eval_duration": max(elapsed - int(load_s * 1e9), 1),
+                }
+            )
             return o
 
         if cfg["delay_first_token_s"]:
@@ -335,7 +354,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self._entry["status"] = 200
         try:
-            for thought in thoughts:   # the trace comes first, with empty content
+            for thought in thoughts:  # the trace comes first, with empty content
                 self._chunk(obj("", False, thought))
                 time.sleep(cfg["chunk_delay_s"])
             for i, piece in enumerate(pieces):
@@ -405,15 +424,16 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeOllama:
     """The server state; `start()` serves it on a daemon thread."""
 
-    def __init__(self, models: list[str] | None = None, host: str = "127.0.0.1", port: int = 0,
-                 verbose: bool = False) -> None:
+    def __init__(
+        self, models: list[str] | None = None, host: str = "127.0.0.1", port: int = 0, verbose: bool = False
+    ) -> None:
         self.models = [normalize_name(m) for m in (models or DEFAULT_MODELS)]
         self.host, self.port, self.verbose = host, port, verbose
         self.lock = threading.Lock()
         self.config: dict[str, Any] = dict(DEFAULT_CONFIG)
         self.requests: list[dict] = []
-        self._loaded: dict[str, float] = {}          # name -> expires (epoch seconds, inf = forever)
-        self._unload_at: dict[str, float] = {}       # name -> when it leaves /api/ps
+        self._loaded: dict[str, float] = {}  # name -> expires (epoch seconds, inf = forever)
+        self._unload_at: dict[str, float] = {}  # name -> when it leaves /api/ps
         self._fail_count = 0
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -422,7 +442,7 @@ class FakeOllama:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "FakeOllama":
+    def start(self) -> FakeOllama:
         handler = type("Handler", (_Handler,), {"fake": self})
         self._httpd = ThreadingHTTPServer((self.host, self.port), handler)
         self._httpd.daemon_threads = True
@@ -439,8 +459,16 @@ class FakeOllama:
 
     # -- state ----------------------------------------------------------------------------------
     def _log(self, method: str, path: str, body: Any) -> dict:
-        entry = {"method": method, "path": path, "json": body, "time": time.time(), "status": None,
-                 "chunks_sent": 0, "disconnected": False, "finished": False}
+        entry = {
+            "method": method,
+            "path": path,
+            "json": body,
+            "time": time.time(),
+            "status": None,
+            "chunks_sent": 0,
+            "disconnected": False,
+            "finished": False,
+        }
         with self.lock:
             entry["id"] = len(self.requests) + 1
             self.requests.append(entry)
@@ -511,7 +539,7 @@ class OllamaProcess:
         self.url = f"http://127.0.0.1:{port}"
 
     @classmethod
-    def spawn(cls, port: int | None = None, models: list[str] | None = None, timeout: float = 10.0) -> "OllamaProcess":
+    def spawn(cls, port: int | None = None, models: list[str] | None = None, timeout: float = 10.0) -> OllamaProcess:
         cmd = [sys.executable, cls.SCRIPT, "--port", str(port or 0)]
         if models:
             cmd += ["--models", ",".join(models)]

@@ -17,6 +17,7 @@ GET /v1/models lists these names; GET /_test/log returns the requests seen ({"pa
 
     with ErrorsServer() as srv:  # srv.base_url == "http://127.0.0.1:<port>/v1"
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ MODELS = ["ok", "status-429-retry-7", "status-500", "status-503", "reject-stream
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
+    server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         pass
@@ -60,14 +61,24 @@ class _Handler(BaseHTTPRequestHandler):
     @staticmethod
     def _delta(model: str, content: str | None, finish: str | None = None) -> dict:
         delta = {"content": content} if content is not None else {}
-        return {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return {
+            "id": "chatcmpl-test",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
 
     # -- routes ----------------------------------------------------------------------------------
     def do_GET(self) -> None:
         if self.path == "/v1/models":
-            self._json(200, {"object": "list", "data": [
-                {"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in MODELS]})
+            self._json(
+                200,
+                {
+                    "object": "list",
+                    "data": [{"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in MODELS],
+                },
+            )
         elif self.path == "/_test/log":
             self._json(200, {"requests": list(self.server.requests)})
         else:
@@ -79,8 +90,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(length) or b"{}")
         except ValueError:
             body = {}
-        self.server.requests.append({"path": self.path, "json": body,
-                                     "auth": self.headers.get("Authorization", "")})
+        self.server.requests.append({"path": self.path, "json": body, "auth": self.headers.get("Authorization", "")})
         if self.path != "/v1/chat/completions":
             self._json(404, {"error": {"message": f"no route {self.path}"}})
             return
@@ -89,21 +99,36 @@ class _Handler(BaseHTTPRequestHandler):
         if model.startswith("status-"):
             status = int(parts[1])
             headers = {"Retry-After": parts[3]} if len(parts) > 3 and parts[2] == "retry" else {}
-            self._json(status, {"error": {"message": f"test error {status}", "type": "server_error",
-                                          "code": status}}, headers)
+            self._json(
+                status, {"error": {"message": f"test error {status}", "type": "server_error", "code": status}}, headers
+            )
             return
         if model.startswith("echo-key-"):
             token = self.headers.get("Authorization", "").removeprefix("Bearer ")
             self._json(int(parts[2]), {"error": {"message": f"Incorrect API key provided: {token}"}})
             return
         if not (model in ("ok", "reject-stream-options", "no-finish") or model.startswith("stall-")):
-            self._json(404, {"error": {"message": f"The model `{model}` does not exist or you do not have "
-                                                  "access to it.", "type": "invalid_request_error",
-                                       "code": "model_not_found"}})
+            self._json(
+                404,
+                {
+                    "error": {
+                        "message": f"The model `{model}` does not exist or you do not have access to it.",
+                        "type": "invalid_request_error",
+                        "code": "model_not_found",
+                    }
+                },
+            )
             return
         if model == "reject-stream-options" and "stream_options" in body:
-            self._json(400, {"error": {"message": "Unrecognized request argument supplied: stream_options",
-                                       "type": "invalid_request_error"}})
+            self._json(
+                400,
+                {
+                    "error": {
+                        "message": "Unrecognized request argument supplied: stream_options",
+                        "type": "invalid_request_error",
+                    }
+                },
+            )
             return
         try:
             self._stream(model, body)
@@ -125,9 +150,16 @@ class _Handler(BaseHTTPRequestHandler):
         if model != "no-finish":
             self._chunk(self._delta(model, None, "stop"))
             if (body.get("stream_options") or {}).get("include_usage"):
-                self._chunk({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0,
-                             "model": model, "choices": [],
-                             "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}})
+                self._chunk(
+                    {
+                        "id": "chatcmpl-test",
+                        "object": "chat.completion.chunk",
+                        "created": 0,
+                        "model": model,
+                        "choices": [],
+                        "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13},
+                    }
+                )
         self._chunk("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
@@ -154,7 +186,7 @@ class ErrorsServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "ErrorsServer":
+    def start(self) -> ErrorsServer:
         self._thread.start()
         return self
 
@@ -163,7 +195,7 @@ class ErrorsServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def __enter__(self) -> "ErrorsServer":
+    def __enter__(self) -> ErrorsServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

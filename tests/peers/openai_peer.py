@@ -11,6 +11,7 @@ GET /_test/log returns {"requests": [request bodies]}.
         ...
     python tests/peers/openai_peer.py --port P      # prints "READY <port>"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ MODELS = list(SCRIPTS)
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
+    server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
         pass
@@ -45,13 +46,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _error(self, status: int, message: str, code: str | None = None) -> None:
-        self._json(status, {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                      "code": code}})
+        self._json(
+            status, {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+        )
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self.path == "/v1/models":
-            self._json(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
-                                                         "owned_by": "peer"} for m in MODELS]})
+            self._json(
+                200,
+                {
+                    "object": "list",
+                    "data": [{"id": m, "object": "model", "created": 0, "owned_by": "peer"} for m in MODELS],
+                },
+            )
         elif self.path == "/_test/log":
             with self.server.lock:
                 self._json(200, {"requests": list(self.server.log)})
@@ -66,8 +73,9 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             return self._error(400, "invalid JSON")
         if not isinstance(body, dict) or body.get("model") not in SCRIPTS:
-            return self._error(404, f"model {body.get('model') if isinstance(body, dict) else None!r} not found",
-                               "model_not_found")
+            return self._error(
+                404, f"model {body.get('model') if isinstance(body, dict) else None!r} not found", "model_not_found"
+            )
         with self.server.lock:
             self.server.log.append(body)
         script = SCRIPTS[body["model"]]
@@ -81,10 +89,17 @@ class _Handler(BaseHTTPRequestHandler):
         reasoning = "".join(t for k, t in script if k == "reasoning")
         if reasoning:
             message["reasoning_content"] = reasoning
-        self._json(200, {"id": "chatcmpl-peer", "object": "chat.completion", "created": int(time.time()),
-                         "model": body["model"], "choices": [{"index": 0, "message": message,
-                                                              "finish_reason": "stop"}],
-                         "usage": {"prompt_tokens": 5, "completion_tokens": len(script), "total_tokens": 5 + len(script)}})
+        self._json(
+            200,
+            {
+                "id": "chatcmpl-peer",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": len(script), "total_tokens": 5 + len(script)},
+            },
+        )
 
     def _stream(self, body: dict, script: list[tuple[str, str]]) -> None:
         self.send_response(200)
@@ -95,9 +110,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
         def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> None:
-            obj: dict[str, Any] = {"id": "chatcmpl-peer", "object": "chat.completion.chunk",
-                                   "created": int(time.time()), "model": body["model"],
-                                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []}
+            obj: dict[str, Any] = {
+                "id": "chatcmpl-peer",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
+            }
             if usage is not None:
                 obj["usage"] = usage
             self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
@@ -110,8 +129,11 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk({"reasoning_content": text} if kind == "reasoning" else {"content": text})
             chunk({}, "stop")
             if (body.get("stream_options") or {}).get("include_usage"):
-                chunk({}, usage={"prompt_tokens": 5, "completion_tokens": len(script),
-                                 "total_tokens": 5 + len(script)}, choices=False)
+                chunk(
+                    {},
+                    usage={"prompt_tokens": 5, "completion_tokens": len(script), "total_tokens": 5 + len(script)},
+                    choices=False,
+                )
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
@@ -137,7 +159,7 @@ class OpenAIPeer:
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="openai-peer", daemon=True)
 
-    def start(self) -> "OpenAIPeer":
+    def start(self) -> OpenAIPeer:
         self._thread.start()
         return self
 
@@ -149,7 +171,7 @@ class OpenAIPeer:
         with self.httpd.lock:
             return list(self.httpd.log)
 
-    def __enter__(self) -> "OpenAIPeer":
+    def __enter__(self) -> OpenAIPeer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
