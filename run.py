@@ -9,17 +9,9 @@ import eventlet  # noqa: E402  isort:skip
 
 eventlet.monkey_patch()  # before any other import, so sockets and threads in every library are green
 
-import os  # noqa: E402
+from core.concurrency import configure_library_threads  # noqa: E402
 
-# Libraries that start their own helper threads from the OS thread that loads a model (transformers'
-# loading thread pool, tqdm's monitor thread behind its progress bars) get green threads and locks
-# under monkey patching, which end in "cannot switch to a different thread" inside the hub. Load
-# sequentially (no measurable cost for the models we run) and log progress as lines instead of bars.
-os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-import tqdm  # noqa: E402  (bars that remain, e.g. GGUF conversion, must not start a monitor thread)
-
-tqdm.tqdm.monitor_interval = 0
+configure_library_threads()  # before transformers or tqdm load (core/concurrency.py says why)
 
 import argparse  # noqa: E402
 import logging  # noqa: E402

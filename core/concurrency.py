@@ -1,37 +1,49 @@
-"""Real OS threads and queues that work the same with or without eventlet's monkey patching.
+"""Blocking work off the event loop: the one module that knows the server runs under eventlet.
 
-Model loading and generation must run in real OS threads (a green thread would freeze every other
-client), and their results must come back through an *un-patched* queue: a put from an OS thread
-never wakes a green waiter (docs/architecture.md). This module is the one place that knows that.
+Why this module exists. The server runs with `eventlet.monkey_patch()` (run.py): every socket,
+lock, queue and thread a library creates is *green*, scheduled by one hub in the main OS thread.
+Model loading, tokenizing, generation, SQLite and HTTP calls to other backends block that hub, so
+they run in real OS threads. Measured traps, and the workaround for each:
+
+- A put into a green queue from an OS thread never wakes a green reader (0 tokens in 60 s): items
+  come back through a `Mailbox`, an un-patched queue plus a pipe the hub waits on.
+- A green lock contended between OS threads ends in "greenlet.error: cannot switch to a different
+  thread" inside the hub: anything shared with OS threads is a real primitive (`os_lock`,
+  `os_event`, `use_real_locks_for_logging` for the logging module's locks).
+- Waiting through the hub from an OS thread hangs both: only the main thread waits through it
+  (`_on_green_side`); OS threads block plainly.
+- Libraries that start helper threads from a loading thread (transformers' weight-loading pool,
+  tqdm's monitor thread) get green threads there: `configure_library_threads` turns those off.
+
+Everything else in core/ is written as if threads were plain: it calls `run_blocking`,
+`stream_blocking` or `run_parallel`, and uses `os_lock`/`os_event` for state shared with them.
+Without eventlet (tests, tools, the CLI) the same calls use plain threads and queues.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os as _std_os
 import queue as _std_queue
 import sys
 import threading as _std_threading
 import time as _std_time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: After a stop, how long to wait for a silent producer (a backend still loading) before giving up on it.
+CANCEL_GRACE_S = 2.0
+#: How often a waiting consumer looks at its cancel flag while no item arrives.
+CANCEL_POLL_S = 0.25
 
 
 def _eventlet_patched() -> bool:
     patcher = sys.modules.get("eventlet.patcher")
     return bool(patcher and patcher.is_monkey_patched("thread"))
-
-
-def _on_green_side() -> bool:
-    """True in a green thread of eventlet's hub (which runs in the main OS thread).
-
-    Only there may we wait through the hub; a real OS thread (ours, tpool's, a library's) must block
-    plainly: handing it to tpool or the hub from another thread can hang both.
-    """
-    if not _eventlet_patched():
-        return False
-    threading = _original("threading")
-    return threading.current_thread() is threading.main_thread()
 
 
 def _original(name: str) -> Any:
@@ -40,37 +52,33 @@ def _original(name: str) -> Any:
     return {"threading": _std_threading, "queue": _std_queue, "time": _std_time, "os": _std_os}[name]
 
 
-def start_os_thread(target: Callable[..., Any], *args: Any, name: str = "switchboard-worker") -> Any:
-    """Run `target(*args)` in a real OS thread (daemon) and return the thread."""
-    thread = _original("threading").Thread(target=target, args=args, name=name, daemon=True)
-    thread.start()
-    return thread
+def _on_green_side() -> bool:
+    """True in a green thread of eventlet's hub (which runs in the main OS thread): only there may a
+    wait go through the hub; a real OS thread (ours, a library's) must block plainly."""
+    if not _eventlet_patched():
+        return False
+    threading = _original("threading")
+    return threading.current_thread() is threading.main_thread()
 
 
-def os_queue() -> Any:
-    """A queue an OS thread can put to and any thread (green or real) can read with `poll_get`."""
-    return _original("queue").Queue()
+def configure_library_threads() -> None:
+    """Keep libraries from starting helper threads inside our OS threads (call once, before they load).
 
-
-def os_event() -> Any:
-    """A threading.Event usable across OS threads (e.g. the cancel flag of a generation)."""
-    return _original("threading").Event()
-
-
-def os_lock() -> Any:
-    """A lock that is real across OS threads."""
-    return _original("threading").Lock()
+    transformers loads weights with a thread pool and tqdm starts a monitor thread for its bars;
+    under monkey patching both would be green threads started from an OS thread. Loading
+    sequentially costs nothing measurable for the models we run; progress is logged as lines.
+    """
+    _std_os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
+    _std_os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import tqdm
+    except ImportError:
+        return
+    tqdm.tqdm.monitor_interval = 0
 
 
 def use_real_locks_for_logging() -> None:
-    """Give the logging module and every log handler real locks.
-
-    After monkey patching, `logging._lock` and handler locks are green; engines and providers log
-    from OS threads, and a green lock contended across threads ends in "cannot switch to a
-    different thread" inside the hub. A real lock is held for microseconds per line.
-    """
-    import logging
-
+    """Give the logging module and every log handler real locks (they are used from OS threads)."""
     real_rlock = _original("threading").RLock
     logging._lock = real_rlock()  # type: ignore[attr-defined]  (guards the logger registry)
     loggers = [logging.getLogger()] + [
@@ -81,66 +89,34 @@ def use_real_locks_for_logging() -> None:
             handler.lock = real_rlock()
 
 
-def poll_get(q: Any, timeout: float | None = None) -> Any:
-    """Take the next item from an `os_queue` without blocking an eventlet hub.
-
-    Under eventlet the wait happens in eventlet's OS thread pool (tpool), which wakes the waiting
-    green thread through a pipe the moment an item arrives: no polling delay, no blocked hub.
-    Without eventlet a plain blocking get is used. Raises TimeoutError after `timeout` seconds.
-    """
-    empty = _original("queue").Empty
-    try:
-        return q.get_nowait()
-    except empty:
-        pass
-    try:
-        if not _on_green_side():
-            return q.get(timeout=timeout)
-        tpool = importlib.import_module("eventlet.tpool")
-        return tpool.execute(q.get, True, timeout)
-    except empty:
-        raise TimeoutError from None
+# -- primitives shared with OS threads ---------------------------------------------------------------
+def start_os_thread(target: Callable[..., Any], *args: Any, name: str = "switchboard-worker") -> Any:
+    """Run `target(*args)` in a real OS thread (daemon) and return the thread."""
+    thread = _original("threading").Thread(target=target, args=args, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
-def drain(q: Any) -> list[Any]:
-    """Every item already waiting in an `os_queue` (never blocks)."""
-    empty = _original("queue").Empty
-    items = []
-    while True:
-        try:
-            items.append(q.get_nowait())
-        except empty:
-            return items
+def os_event() -> Any:
+    """A threading.Event that works across OS threads (e.g. the cancel flag of a generation)."""
+    return _original("threading").Event()
 
 
-def run_blocking(fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
-    """Run `fn(*args)` in an OS thread and wait for its result without blocking other clients."""
-    results = os_queue()
-
-    def worker() -> None:
-        try:
-            results.put((True, fn(*args)))
-        except BaseException as exc:  # hand every failure back to the caller
-            results.put((False, exc))
-
-    start_os_thread(worker, name=getattr(fn, "__name__", "blocking"))
-    ok, value = poll_get(results, timeout=timeout)
-    if ok:
-        return value
-    raise value
+def os_lock() -> Any:
+    """A lock that is real across OS threads."""
+    return _original("threading").Lock()
 
 
-class WakeQueue:
-    """A queue an OS thread fills and a green (or plain) thread drains, with a direct wake-up.
+class Mailbox:
+    """Items put by any thread, taken in order by one reader (green or not), woken at once.
 
-    Under eventlet every put also writes a byte to a pipe that the reader waits on through the hub,
-    so a token wakes the waiting green thread without a helper thread in between (cheaper per item
-    than `poll_get`'s tpool round trip: this is the per-token path of every stream). Without
-    eventlet it is a plain queue. Close it when done: it holds two file descriptors.
+    Under eventlet every put also writes a byte to a pipe that a green reader waits on through the
+    hub: a token wakes it without a helper thread in between. Without eventlet (or for a reader in
+    an OS thread) it is a plain queue. Close it when done: it holds two file descriptors.
     """
 
     def __init__(self) -> None:
-        self._queue = os_queue()
+        self._queue = _original("queue").Queue()
         self._empty = _original("queue").Empty
         self._os = _original("os")
         self._pipe: tuple[int, int] | None = None
@@ -158,17 +134,25 @@ class WakeQueue:
             if self._pipe is not None:
                 try:
                     self._os.write(self._pipe[1], b"\0")
-                except (BlockingIOError, OSError):
+                except OSError:
                     pass  # pipe full: the reader is behind and will find the items anyway
+
+    def _drain(self) -> list[Any]:
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except self._empty:
+                return items
 
     def get_all(self, timeout: float | None = None) -> list[Any]:
         """Every waiting item, waiting up to `timeout` for the first; TimeoutError if none came."""
-        items = drain(self._queue)
+        items = self._drain()
         if items:
             return items
         if self._pipe is None or not _on_green_side():
             try:
-                return [self._queue.get(timeout=timeout)] + drain(self._queue)
+                return [self._queue.get(timeout=timeout), *self._drain()]
             except self._empty:
                 raise TimeoutError from None
         trampoline = importlib.import_module("eventlet.hubs").trampoline
@@ -183,9 +167,9 @@ class WakeQueue:
             try:
                 while self._os.read(read_fd, 4096):
                     pass
-            except (BlockingIOError, OSError):
+            except OSError:
                 pass
-            items = drain(self._queue)
+            items = self._drain()
             if items:
                 return items
             if deadline is not None and _std_time.monotonic() >= deadline:
@@ -200,3 +184,173 @@ class WakeQueue:
                     except OSError:
                         pass
                 self._pipe = None
+
+
+# -- the one way to run blocking work ---------------------------------------------------------------
+class _WorkerPool:
+    """Reused OS threads for short blocking work: a thread that touches a green socket gets its own
+    eventlet hub (an epoll descriptor) that is not given back when the thread ends, so a new thread
+    per request leaked one descriptor per call. Idle workers wait for the next task; a new worker is
+    started only when none is idle, so the pool grows to the peak concurrency and stays there."""
+
+    def __init__(self) -> None:
+        self._tasks = _original("queue").Queue()
+        self._lock = os_lock()
+        self._idle = 0
+        self._size = 0
+
+    def submit(self, task: Callable[[], Any], name: str) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                self._size += 1
+                start_os_thread(self._work, name=f"pool-{self._size}")
+        self._tasks.put((task, name))
+
+    def _work(self) -> None:
+        threading = _original("threading")
+        while True:
+            task, name = self._tasks.get()
+            threading.current_thread().name = name
+            try:
+                task()
+            except BaseException:  # a task reports its own failures; never let one kill the worker
+                log.exception("event=worker_task_failed name=%s", name)
+            with self._lock:
+                self._idle += 1
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+
+_pool = _WorkerPool()
+
+
+def pool_size() -> int:
+    """OS threads started for blocking work so far (they are reused; for tests and diagnostics)."""
+    return _pool.size
+
+
+class _End:
+    """The producer returned."""
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def stream_blocking(
+    produce: Callable[[Callable[[Any], None]], Any],
+    *,
+    cancel: Any = None,
+    timeout: float | None = None,
+    grace_s: float = CANCEL_GRACE_S,
+    name: str = "blocking-stream",
+) -> Iterator[list[Any]]:
+    """Run `produce(emit)` in an OS thread; yield what it emits, in order, in batches, on this side.
+
+    Items that piled up while the caller was busy come as one batch (a slow client falls no further
+    behind). The producer's exception is raised here after the items it emitted before failing.
+    `timeout` bounds the wait for each next item (TimeoutError). Once `cancel` is set the producer
+    is expected to return soon; if it stays silent for `grace_s` (a backend that only sees the stop
+    at its next chunk), the stream ends here anyway and the producer is left to finish alone.
+    """
+    mailbox = Mailbox()
+
+    def worker() -> None:
+        try:
+            produce(mailbox.put)
+            mailbox.put(_End)
+        except BaseException as exc:  # handed to the consumer
+            mailbox.put(_Failed(exc))
+
+    _pool.submit(worker, name)
+    cancelled_at: float | None = None
+    waited = 0.0
+    try:
+        while True:
+            wait = CANCEL_POLL_S if cancel is not None else timeout
+            if timeout is not None:
+                wait = min(wait or timeout, max(timeout - waited, 0.0))
+            started = _std_time.monotonic()
+            try:
+                batch = mailbox.get_all(timeout=wait)
+            except TimeoutError:
+                waited += _std_time.monotonic() - started
+                if timeout is not None and waited >= timeout:
+                    raise TimeoutError(f"{name}: nothing for {timeout:g} s") from None
+                if cancel is not None and cancel.is_set():
+                    cancelled_at = cancelled_at or _std_time.monotonic()
+                    if _std_time.monotonic() - cancelled_at > grace_s:
+                        log.warning("event=producer_abandoned name=%s reason=silent_after_stop", name)
+                        return
+                continue
+            waited = 0.0
+            items: list[Any] = []
+            for item in batch:
+                if item is _End:
+                    if items:
+                        yield items
+                    return
+                if isinstance(item, _Failed):
+                    if items:
+                        yield items
+                    raise item.error
+                items.append(item)
+            yield items
+    finally:
+        mailbox.close()
+
+
+def run_blocking(fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
+    """`fn(*args)` in an OS thread; the caller (a green thread) waits without blocking other clients."""
+    for batch in stream_blocking(lambda emit: emit(fn(*args)), timeout=timeout, name=_name_of(fn)):
+        return batch[0]
+    raise RuntimeError(f"{_name_of(fn)} returned nothing")  # unreachable: the producer emits once
+
+
+def run_parallel(calls: list[Callable[[], T]], name: str = "parallel") -> list[T]:
+    """Each call in its own OS thread, all at once; their results in the calls' order.
+
+    One slow call (a remote backend timing out) costs its own time, not the sum of all. The first
+    call's exception, if any, is raised after every call has ended.
+    """
+    if not calls:
+        return []
+
+    def produce(emit: Callable[[Any], None]) -> None:
+        remaining = [len(calls)]
+        done = os_event()
+        lock = os_lock()
+
+        def one(i: int, call: Callable[[], T]) -> None:
+            try:
+                emit((i, True, call()))
+            except BaseException as exc:  # reported below, in order
+                emit((i, False, exc))
+            with lock:
+                remaining[0] -= 1
+                if not remaining[0]:
+                    done.set()
+
+        for i, call in enumerate(calls[1:], start=1):
+            _pool.submit(lambda i=i, call=call: one(i, call), f"{name}-{i}")
+        one(0, calls[0])
+        done.wait()
+
+    found: dict[int, tuple[bool, Any]] = {}
+    for batch in stream_blocking(produce, name=name):
+        for i, ok, value in batch:
+            found[i] = (ok, value)
+    for i in range(len(calls)):
+        ok, value = found[i]
+        if not ok:
+            raise value
+    return [found[i][1] for i in range(len(calls))]
+
+
+def _name_of(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__

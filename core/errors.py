@@ -1,9 +1,15 @@
-"""Typed errors: every failure a user can see has a stable code and an actionable message.
+"""Typed errors: every failure a user can see is classified once, where it happens, into one of these.
 
-web_ui turns these into `{"error": {"code", "message"}}` (HTTP) or the `error` Socket.IO event in one place.
+An error is data: a stable `code` (part of the wire protocol), a message a person can act on, the
+HTTP status it maps to, and extra fields (`retry_after`, `param`, a `request_id`...). web_ui renders
+it, once per surface (Socket.IO event, REST JSON, OpenAI's shape, SSE); nothing downstream parses
+message text. Domain modules define their own subclasses next to the code that raises them
+(documents, downloads, translation); every code is listed in docs/protocol.md.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class SwitchboardError(Exception):
@@ -12,16 +18,34 @@ class SwitchboardError(Exception):
     code = "internal_error"
     http_status = 500
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, param: str | None = None, **fields: Any
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        #: The request field that is wrong (for APIs that report it, e.g. OpenAI's `param`).
+        self.param = param
+        #: Extra fields of the wire form, e.g. the `request_id` of the request that failed.
+        self.fields = fields
 
-    def to_dict(self) -> dict:
-        data = {"code": self.code, "message": self.message}
+    def with_fields(self, **fields: Any) -> SwitchboardError:
+        """Add wire fields (None values are left out) and return the same error, for `raise ... from`."""
+        self.fields.update({k: v for k, v in fields.items() if v is not None})
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{code, message, ...}`: the error's own fields, as every surface starts from."""
+        data: dict[str, Any] = {"code": self.code, "message": self.message, **self.fields}
         if self.retry_after is not None:
             data["retry_after"] = self.retry_after
         return data
+
+
+class InternalError(SwitchboardError):
+    """Something broke that no input explains; the message says where to look, never a traceback."""
+
+    code, http_status = "internal_error", 500
 
 
 class BadRequest(SwitchboardError):
@@ -82,3 +106,10 @@ class StreamInterrupted(SwitchboardError):
 
 class GenerationFailed(SwitchboardError):
     code, http_status = "generation_failed", 500
+
+
+def as_switchboard_error(exc: BaseException, where: str) -> SwitchboardError:
+    """`exc` itself when typed, else an InternalError that names `where` (the traceback goes to the log)."""
+    if isinstance(exc, SwitchboardError):
+        return exc
+    return InternalError(f"internal error in {where}; see the server log")

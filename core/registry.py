@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from core.concurrency import os_lock, os_queue, poll_get, start_os_thread
+from core.concurrency import os_lock, run_parallel
 from core.errors import ModelNotFound
 from core.providers.base import Provider, ProviderGroup
 from core.types import ModelInfo
@@ -46,16 +46,7 @@ class ModelRegistry:
         timing out) costs its own timeout, not the sum of everyone's.
         """
         providers = list(self.providers.values())
-        results = os_queue()
-        for i, provider in enumerate(providers):
-            start_os_thread(
-                lambda i=i, p=provider: results.put((i, self._discover(p, refresh))), name=f"discover-{provider.key}"
-            )
-        found: dict[int, ProviderGroup] = {}
-        while len(found) < len(providers):
-            i, group = poll_get(results)
-            found[i] = group
-        groups = [found[i] for i in range(len(providers))]
+        groups = run_parallel([lambda p=p: self._discover(p, refresh) for p in providers], name="discover")
         index: dict[str, tuple[Provider, ModelInfo]] = {}
         for provider, group in zip(providers, groups, strict=True):
             for model in group.models:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.chat import ChatService
 from core.concurrency import start_os_thread
 from core.config import Settings, parse_bytes
 from core.errors import SwitchboardError
+from core.jobs import JobRunner
 from core.knowledge.service import KnowledgeService
 from core.models.cache import ModelCache
 from core.models.downloads import DownloadManager
+from core.models.manager import ModelManager
 from core.providers.base import Provider
 from core.providers.local import LocalProvider
 from core.registry import ModelRegistry
@@ -39,9 +42,10 @@ class Services:
     store: ChatStore
     chat: ChatService
     resources: ResourceManager
+    runner: JobRunner
+    models: ModelManager
     knowledge: KnowledgeService | None = None
     translation: TranslationService | None = None
-    downloads: DownloadManager | None = None  # None when models.endpoints is unusable (logged)
 
     def models_payload(self, refresh: bool = False) -> dict:
         return self.registry.public_listing(refresh=refresh, default=self.settings.default_model)
@@ -66,7 +70,7 @@ def external_providers(settings: Settings) -> list[Provider]:
     return providers
 
 
-def build_resource_manager(settings: Settings, ollama: Provider | None) -> ResourceManager:
+def build_resource_manager(settings: Settings, runtimes: list[Provider]) -> ResourceManager:
     """The resource manager per settings, with its idle-TTL sweeper running when any TTL is set."""
     ttl = {
         "chat": settings.ttl_chat_minutes * 60,
@@ -77,8 +81,8 @@ def build_resource_manager(settings: Settings, ollama: Provider | None) -> Resou
         settings.resource_policy,
         parse_bytes(settings.resource_budget),
         {k: v for k, v in ttl.items() if v > 0},
-        ollama=ollama,
-        ollama_wait_s=settings.ollama_unload_wait,
+        runtimes=[p for p in runtimes if p.holds_memory],
+        release_wait_s=settings.ollama_unload_wait,
     )
     if manager.ttl_s:
 
@@ -94,8 +98,14 @@ def build_resource_manager(settings: Settings, ollama: Provider | None) -> Resou
     return manager
 
 
-def build_services(settings: Settings, start_background: bool = True) -> Services:
-    """Wire the services; with `start_background`, convert the bundled model in an OS thread now."""
+def build_services(
+    settings: Settings, start_background: bool = True, on_models_changed: Callable[[], None] | None = None
+) -> Services:
+    """Wire the services; with `start_background`, convert the bundled model in an OS thread now.
+
+    `on_models_changed` is called (from that thread) once the bundled model is ready, so surfaces can
+    send fresh model lists: the dropdown said "preparing" until then.
+    """
     settings.data_path.mkdir(parents=True, exist_ok=True)
     cache = ModelCache(settings.model_path)
     local = LocalProvider(cache, settings.local_device, park_in_ram=settings.park_in_ram)
@@ -106,24 +116,29 @@ def build_services(settings: Settings, start_background: bool = True) -> Service
     interrupted = store.mark_interrupted()
     if interrupted:
         log.warning("event=history_repair messages_marked_incomplete=%d", interrupted)
-    resources = build_resource_manager(settings, next((p for p in externals if p.kind == "ollama"), None))
+    resources = build_resource_manager(settings, externals)
+    runner = JobRunner()  # one for chat and translation: they take turns on a local model
     knowledge = KnowledgeService(settings, resources=resources)
-    chat = ChatService(store, router, settings, knowledge=knowledge, resources=resources)
-    translation = TranslationService(settings, router, local, chat.admission, resources=resources)
-    services = Services(settings, cache, local, registry, router, store, chat, resources, knowledge, translation)
+    chat = ChatService(store, router, settings, runner, knowledge=knowledge, resources=resources)
+    translation = TranslationService(settings, router, local, runner, resources=resources)
     try:  # downloads run in real OS threads, never on the eventlet hub
-        services.downloads = DownloadManager.from_settings(
-            settings, spawn=lambda fn: start_os_thread(fn, name="model-download")
-        )
+        downloads = DownloadManager.from_settings(settings, spawn=lambda fn: start_os_thread(fn, name="model-download"))
     except SwitchboardError as exc:
+        downloads = None
         log.warning("event=downloads_disabled reason=%s", exc.message)
+    models = ModelManager(cache, downloads, resources, local)
+    services = Services(
+        settings, cache, local, registry, router, store, chat, resources, runner, models, knowledge, translation
+    )
     if start_background and settings.prepare_bundled:
 
         def prepare() -> None:
             try:
                 local.prepare_bundled()
             except Exception:
-                pass  # already logged; the dropdown shows the reason
+                return  # already logged; the dropdown shows the reason
+            if on_models_changed is not None:
+                on_models_changed()
 
         start_os_thread(prepare, name="prepare-bundled")
     return services

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Protocol
 
 from core.errors import BadRequest
 
@@ -23,39 +23,59 @@ class Message:
 
 @dataclass
 class ChatOptions:
-    """Sampling options common to every backend; `temperature == 0` means greedy decoding."""
+    """Sampling options common to every backend; `temperature == 0` means greedy decoding.
+
+    Clients' `options` objects are validated by `core.payloads.OptionsPayload`, which builds this.
+    """
 
     max_new_tokens: int = 512
     temperature: float = 0.7
     top_p: float = 0.95
     stop: list[str] = field(default_factory=list)
 
+
+class CancelToken(Protocol):
+    """Anything with `is_set()`; set by `stop` from another thread (a real threading.Event)."""
+
+    def is_set(self) -> bool: ...
+
+
+@dataclass(frozen=True, order=True)
+class ModelId:
+    """A model's id, `<connection>:<name>`: the provider instance that serves it and its name there.
+
+    `connection` is `local`, `ollama` or the key of a `[model_names.<key>]` connection; `name` is
+    what that backend calls the model (a hub repo id, an Ollama `name:tag`...). Ids are built here
+    and nowhere else; the router looks them up in the registry and never parses them.
+    """
+
+    connection: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.connection}:{self.name}"
+
     @classmethod
-    def from_dict(cls, raw: Any, defaults: ChatOptions | None = None) -> ChatOptions:
-        """Validate a client's `options` object; unknown keys and wrong types are a bad_request."""
-        base = defaults or cls()
-        if raw is None:
-            return cls(base.max_new_tokens, base.temperature, base.top_p, list(base.stop))
-        if not isinstance(raw, dict):
-            raise BadRequest("options must be an object")
-        unknown = set(raw) - {"max_new_tokens", "max_tokens", "temperature", "top_p", "stop"}
-        if unknown:
-            raise BadRequest(f"unknown option(s): {', '.join(sorted(unknown))}")
-        max_new = raw.get("max_new_tokens", raw.get("max_tokens", base.max_new_tokens))
-        if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= 32768:
-            raise BadRequest("options.max_new_tokens must be an integer between 1 and 32768")
-        temperature = raw.get("temperature", base.temperature)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise BadRequest("options.temperature must be a number between 0 and 2")
-        top_p = raw.get("top_p", base.top_p)
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise BadRequest("options.top_p must be a number in (0, 1]")
-        stop = raw.get("stop", list(base.stop))
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-            raise BadRequest("options.stop must be a string or a list of up to 4 non-empty strings")
-        return cls(max_new, float(temperature), float(top_p), stop)
+    def parse(cls, text: str) -> ModelId:
+        """`connection:name` → ModelId; BadRequest when either part is missing."""
+        connection, sep, name = text.partition(":") if isinstance(text, str) else ("", "", "")
+        if not sep or not connection or not name:
+            raise BadRequest(f"{text!r} is not a model id (connection:name, e.g. local:org/name)")
+        return cls(connection, name)
+
+    @classmethod
+    def local(cls, repo_id: str) -> ModelId:
+        """The id of a local model stored as `repo_id` in the model cache."""
+        return cls(LOCAL_CONNECTION, repo_id)
+
+    @classmethod
+    def local_repo(cls, text: str) -> str:
+        """A local model's repo id from `org/name` or its id `local:org/name` (what users type)."""
+        prefix = f"{LOCAL_CONNECTION}:"
+        return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+LOCAL_CONNECTION = "local"
 
 
 @dataclass

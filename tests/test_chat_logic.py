@@ -6,25 +6,29 @@ import pytest
 
 from core.errors import BadRequest
 from core.models.cache import ModelCache
+from core.payloads import chat_options
 from core.providers.local import LocalProvider
 from core.types import ChatOptions, Message, ModelInfo
 
 
 def test_options_defaults_and_validation():
     base = ChatOptions(100, 0.5, 0.9)
-    assert ChatOptions.from_dict(None, base) == base
-    assert ChatOptions.from_dict({"max_tokens": 5, "stop": "x"}, base) == ChatOptions(5, 0.5, 0.9, ["x"])
-    for bad in (
-        {"max_new_tokens": 0},
-        {"max_new_tokens": True},
-        {"temperature": 3},
-        {"top_p": 0},
-        {"stop": [1]},
-        {"unknown": 1},
-        "fast",
+    assert chat_options(None, base) == base
+    assert chat_options({"max_tokens": 5, "stop": "x"}, base) == ChatOptions(5, 0.5, 0.9, ["x"])
+    for bad, field in (
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": True}, "max_new_tokens"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": [1]}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"unknown": 1}, "unknown"),
+        ("fast", None),
     ):
-        with pytest.raises(BadRequest):
-            ChatOptions.from_dict(bad, base)
+        with pytest.raises(BadRequest) as info:
+            chat_options(bad, base)
+        assert info.value.code == "bad_request" and info.value.param == field
+        assert "options" in info.value.message
 
 
 def test_fit_context_drops_oldest_turns_by_real_token_count(model_dir):

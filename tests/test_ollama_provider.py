@@ -325,7 +325,7 @@ def test_wait_unloaded_times_out(server):
     configure(server, ps_unload_delay_s=5.0)
     provider.unload(model)
     started = time.monotonic()
-    assert not provider.wait_unloaded(["ollama:llama3:8b"], timeout=0.3, poll=0.05)
+    assert not provider.wait_unloaded(["llama3:8b"], timeout=0.3, poll=0.05)
     assert time.monotonic() - started < 1.0
 
 

@@ -149,7 +149,7 @@ def test_bad_json_and_missing_messages_are_400(server, client):
         ({"model": BUNDLED_ID, "messages": FRANCE, "max_tokens": 0}, "max_tokens"),
         ({"model": BUNDLED_ID, "messages": FRANCE, "temperature": 7}, "temperature"),
         ({"messages": FRANCE}, "model"),
-        ({"model": BUNDLED_ID, "messages": [{"role": "user", "content": "  "}]}, None),
+        ({"model": BUNDLED_ID, "messages": [{"role": "user", "content": "  "}]}, "messages"),
     ):
         response = requests.post(url, json=body, timeout=10)
         assert response.status_code == 400, body

@@ -52,7 +52,7 @@ def test_unload_really_frees_the_weights(engine):
     with manager.use_engine(engine, "chat", "test"):
         assert engine.is_loaded() and engine.state == "loaded"
         param = weakref.ref(next(engine.model.parameters()))
-        assert manager.status(include_ollama=False)["engines"][0]["leases"] == 1
+        assert manager.status(include_runtimes=False)["engines"][0]["leases"] == 1
     assert manager.unload("chat") == [f"chat:{BUNDLED_REPO}"]
     gc.collect()
     assert param() is None, "a parameter survived the unload"
@@ -94,7 +94,7 @@ def test_switch_to_local_unloads_ollama_models_before_loading(engine, fake_ollam
         requests.post(fake_ollama.url + "/api/generate", json={"model": name}, timeout=5).raise_for_status()
     assert {m["name"] for m in provider.loaded_models()} == {"llama3:8b", "mistral:latest"}
     fake_ollama.config["ps_unload_delay_s"] = 0.3  # like a real unload, /api/ps lags behind
-    manager = ResourceManager(ollama=provider)
+    manager = ResourceManager(runtimes=[provider])
     caplog.set_level(logging.INFO, logger="core.resources.manager")
     with manager.use_engine(engine, "chat", "test"):
         pass
@@ -138,7 +138,7 @@ def test_idle_ttl_and_shared_weights(engine):
     manager.track(engine, "translation")
     with manager.use_engine(engine, "chat", "test"):
         pass
-    engines = manager.status(include_ollama=False)["engines"]
+    engines = manager.status(include_runtimes=False)["engines"]
     assert len(engines) == 1 and engines[0]["roles"] == ["chat", "translation"], "one copy for both roles"
     assert manager.unload_idle(now=time.time() + 30) == []
     assert manager.unload_idle(now=time.time() + 120) == [f"chat+translation:{BUNDLED_REPO}"]

@@ -17,6 +17,7 @@ from core.admission import Admission
 from core.config import Settings
 from core.engines.translation import Seq2SeqTranslationEngine, marian_pair, translation_messages
 from core.errors import ProviderUnreachable, SwitchboardError
+from core.jobs import JobRunner
 from core.models.cache import ModelCache
 from core.providers.base import Provider, ProviderGroup
 from core.providers.local import LocalProvider
@@ -69,6 +70,9 @@ class Recorder:
     def emit(self, event: str, payload: dict) -> None:
         self.events.append((event, payload))
 
+    def fail(self, error: SwitchboardError, about: dict) -> None:
+        self.events.append(("error", {**about, **error.to_dict()}))
+
     def of(self, name: str) -> list[dict]:
         return [p for e, p in self.events if e == name]
 
@@ -83,7 +87,7 @@ def settings(**changes) -> Settings:
 
 def service(provider: Provider | None = None, admission: Admission | None = None, **changes) -> TranslationService:
     local = type("NoLocal", (), {"engines": {}})()
-    return TranslationService(settings(**changes), FakeRouter(provider or FakeProvider()), local, admission)
+    return TranslationService(settings(**changes), FakeRouter(provider or FakeProvider()), local, JobRunner(admission))
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -151,7 +155,7 @@ def test_streams_deltas_then_done_with_the_prompt_languages():
     assert done["usage"] == {"prompt_tokens": 20, "completion_tokens": 4}
     system, user = provider.prompts[0]
     assert "English" in system.content and "French" in system.content and user.content == "Hello everyone"
-    assert svc.active == {}
+    assert svc.runner.active == {}
 
 
 def test_waits_its_turn_on_a_busy_model_and_can_be_stopped():
@@ -183,7 +187,9 @@ def test_a_backend_failure_is_an_error_event_and_a_raised_error():
     svc = service(FakeProvider(fail=ProviderUnreachable("cannot reach peer")))
     sink = Recorder()
     svc.run(svc.accept({"text": "hi", "target": "fr", "request_id": "e1"}), sink)
-    assert sink.of("error") == [{"request_id": "e1", "code": "provider_unreachable", "message": "cannot reach peer"}]
+    assert sink.of("error") == [
+        {"scope": "translate", "request_id": "e1", "code": "provider_unreachable", "message": "cannot reach peer"}
+    ]
     with pytest.raises(ProviderUnreachable):
         svc.translate({"text": "hi", "target": "fr"})
 
@@ -269,8 +275,9 @@ def test_seq2seq_engine_loads_streams_and_unloads(marian_dir):
     assert (engine.role, engine.source, engine.target) == ("translation", "en", "de")
     assert not engine.is_loaded() and engine.memory_bytes() == 0
     result = StreamResult()
-    pieces = list(
-        engine.translate("The bakery opens at six.", "en", "de", ChatOptions(12, 0.0, 1.0), threading.Event(), result)
+    pieces: list[str] = []
+    engine.translate_to(
+        "The bakery opens at six.", "en", "de", ChatOptions(12, 0.0, 1.0), threading.Event(), result, pieces.append
     )
     assert engine.is_loaded() and engine.memory_bytes() > 0
     assert "".join(pieces).strip() and result.finish_reason in ("stop", "length")

@@ -38,7 +38,7 @@ def get_chat(chat_id: str):
 @bp.delete("/api/chats/<chat_id>")
 def delete_chat(chat_id: str):
     svc = services()
-    if chat_id in svc.chat.active:
+    if svc.chat.is_answering(chat_id):
         svc.chat.stop(chat_id)
     if not svc.store.delete_chat(chat_id):
         raise NotFound(f"chat {chat_id} does not exist")

@@ -13,11 +13,11 @@ import hmac
 import logging
 from typing import Any
 
-from flask import Flask, current_app, jsonify, request
+from flask import Flask, current_app, request
 from flask_socketio import ConnectionRefusedError
 
 from core.errors import Unauthorized
-from web_ui.errors import error_body
+from web_ui.errors import render_for_path
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,7 @@ def _refusal(path: str, given: str | None):
         request.remote_addr,
         "missing" if given is None else "wrong",
     )
-    if path == "/v1" or path.startswith("/v1/"):
-        from web_ui.openai_api import openai_error_body
-
-        body = openai_error_body(Unauthorized(message))
-    else:
-        body = error_body(Unauthorized(message))
-    response = jsonify(body)
-    response.status_code = 401
+    response = render_for_path(Unauthorized(message))
     response.headers["WWW-Authenticate"] = 'Bearer realm="switchboard"'
     return response
 

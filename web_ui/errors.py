@@ -1,34 +1,113 @@
-"""The one place where core errors become wire shapes: JSON bodies for HTTP, `error` events for Socket.IO."""
+"""Where a typed core error becomes a wire shape: one renderer per surface, and nowhere else.
+
+- Socket.IO `error` events (and the REST chat's SSE `error` events, which mirror them):
+  `{scope, <ids>, code, message, ...}`. `scope` names what the error belongs to: the client event it
+  answers (`chat`, `stop`, `select_model`, `translate`, `download_model`...) or, for a download that
+  ended badly, `download`; the ids say which chat, request or model.
+- REST JSON: `{"error": {code, message, ...}}` with the error's HTTP status (and Retry-After).
+- OpenAI's shape for /v1: `{"error": {message, type, param, code}}`.
+Framework errors (404, 405, 413...) and anything unexpected get the same shapes, never a traceback.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from core.errors import SwitchboardError
+from core.errors import InternalError, SwitchboardError
 
 log = logging.getLogger(__name__)
 
+# Where /v1 differs from core's statuses: OpenAI clients expect 400 for an over-long prompt, and a
+# model that exists but cannot run now (not downloaded, backend down) is "service unavailable".
+OPENAI_STATUS = {"too_long": 400, "model_unavailable": 503}
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
-def error_body(exc: SwitchboardError) -> dict:
-    return {"error": exc.to_dict()}
+
+class FrameworkError(SwitchboardError):
+    """A refusal by the web framework itself (unknown route, wrong method, body too large...)."""
+
+    def __init__(self, exc: HTTPException) -> None:
+        super().__init__(exc.description or exc.name or "error")
+        self.code = (exc.name or "error").lower().replace(" ", "_")
+        self.http_status = exc.code or 500
+
+
+# -- Socket.IO (and SSE events that mirror it) ---------------------------------------------------------
+def socket_error(error: SwitchboardError, scope: str, **about: Any) -> dict[str, Any]:
+    """The `error` event's payload: what it belongs to, then the error's own fields."""
+    return {"scope": scope, **{k: v for k, v in about.items() if v is not None}, **error.to_dict()}
+
+
+# -- REST JSON -------------------------------------------------------------------------------------------
+def error_body(error: SwitchboardError, **about: Any) -> dict[str, Any]:
+    return {"error": {**{k: v for k, v in about.items() if v is not None}, **error.to_dict()}}
+
+
+def _with_retry_after(response: Response, error: SwitchboardError) -> Response:
+    if isinstance(error.retry_after, (int, float)):
+        response.headers["Retry-After"] = str(max(int(error.retry_after + 0.999), 0))
+    return response
+
+
+def http_error(error: SwitchboardError, **about: Any) -> Response:
+    """A REST error response: JSON body, the error's status, Retry-After when it has one."""
+    response = jsonify(error_body(error, **about))
+    response.status_code = error.http_status
+    return _with_retry_after(response, error)
+
+
+# -- OpenAI's shape --------------------------------------------------------------------------------------
+def openai_status(error: SwitchboardError) -> int:
+    return OPENAI_STATUS.get(error.code) or error.http_status
+
+
+def openai_error_body(error: SwitchboardError) -> dict[str, Any]:
+    status = openai_status(error)
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+
+
+def openai_error(error: SwitchboardError) -> Response:
+    response = jsonify(openai_error_body(error))
+    response.status_code = openai_status(error)
+    log.warning("event=v1_error code=%s status=%d", error.code, response.status_code)
+    return _with_retry_after(response, error)
+
+
+def wants_openai_shape(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def render_for_path(error: SwitchboardError) -> Response:
+    """The error in the shape of the surface the current request belongs to."""
+    return openai_error(error) if wants_openai_shape(request.path) else http_error(error)
 
 
 def register_error_handlers(app: Flask) -> None:
+    """Every error an HTTP route can end with, rendered for its surface."""
+
     @app.errorhandler(SwitchboardError)
     def on_switchboard_error(exc: SwitchboardError):
         log.warning("event=http_error code=%s status=%d message=%s", exc.code, exc.http_status, exc.message)
-        return jsonify(error_body(exc)), exc.http_status
+        return render_for_path(exc)
 
     @app.errorhandler(HTTPException)
     def on_http_error(exc: HTTPException):
-        code = (exc.name or "error").lower().replace(" ", "_")
-        log.warning("event=http_error code=%s status=%s", code, exc.code)
-        return jsonify({"error": {"code": code, "message": exc.description}}), exc.code
+        log.warning("event=http_error code=%s status=%s", exc.name, exc.code)
+        return render_for_path(FrameworkError(exc))
 
     @app.errorhandler(Exception)
     def on_unexpected(exc: Exception):
         log.exception("event=http_error code=internal_error")
-        return jsonify({"error": {"code": "internal_error", "message": "internal error; see the server log"}}), 500
+        return render_for_path(InternalError("internal error; see the server log"))

@@ -7,12 +7,11 @@ from a background task so a switch never waits on it).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from flask import Blueprint, Flask, jsonify, request
 
-from core.concurrency import run_blocking
-from core.errors import BadRequest, NotFound
+from core.errors import NotFound
+from core.payloads import EngineRequest, parse
 from web_ui.extensions import services, socketio
 
 bp = Blueprint("resources", __name__)
@@ -22,10 +21,7 @@ STATUS_COALESCE_S = 0.5
 
 
 def _engine_arg() -> str:
-    body: Any = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("engine"), str) or not body["engine"]:
-        raise BadRequest('send {"engine": "chat" | "knowledge" | "translation" | "ollama" | "all" | <engine key>}')
-    return body["engine"]
+    return parse(EngineRequest, request.get_json(silent=True), "the request body").engine
 
 
 @bp.get("/api/resources")
@@ -37,30 +33,35 @@ def status():
 def unload():
     which = _engine_arg()
     manager = services().resources
-    if which not in ROLES and which not in {e["key"] for e in manager.status(include_ollama=False)["engines"]}:
-        raise NotFound(f"no engine {which!r}; use one of {', '.join(ROLES)} or a key from /api/resources")
+    known = {
+        *ROLES,
+        *manager.runtimes.providers,
+        *(e["key"] for e in manager.status(include_runtimes=False)["engines"]),
+    }
+    if which not in known:
+        raise NotFound(f"no engine {which!r}; use one of {', '.join(sorted(known))}", param="engine")
     return jsonify({"unloaded": manager.unload(which, reason="operator")})
 
 
 @bp.post("/api/resources/load")
 def load():
     which = _engine_arg()
-    manager = services().resources
-    if which == "chat" and not any("chat" in e["roles"] for e in manager.status(include_ollama=False)["engines"]):
-        svc = services()
-        _, model = svc.router.route(svc.settings.default_model)
-        manager.track(run_blocking(svc.local.engine_for, model), "chat")
-    loaded = manager.load(which, reason="operator")
+    svc = services()
+    if which == "chat" and not svc.resources.slots_of_role("chat"):
+        provider, model = svc.router.route(svc.settings.default_model)
+        svc.resources.prepare(provider, model, reason="operator")
+        return jsonify({"loaded": [s.key for s in svc.resources.slots_of_role("chat")]})
+    loaded = svc.resources.load(which, reason="operator")
     if not loaded:
-        raise NotFound(f"no engine {which!r} to load; see /api/resources")
+        raise NotFound(f"no engine {which!r} to load; see /api/resources", param="engine")
     return jsonify({"loaded": loaded})
 
 
 def enable_status_broadcast(app: Flask) -> None:
     """Send `resource_status` to every client after changes, coalesced over STATUS_COALESCE_S.
 
-    The window also keeps the status work (an Ollama query, memory probes) off the first token of
-    the stream whose lease triggered it (measured: +3 ms time to first token with 100 ms).
+    The window also keeps the status work (other runtimes' queries, memory probes) off the first
+    token of the stream whose lease triggered it (measured: +3 ms time to first token with 100 ms).
     """
     manager = app.extensions["switchboard"].resources
     state = {"pending": False}

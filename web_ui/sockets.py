@@ -1,4 +1,8 @@
-"""Socket.IO handlers: validate the envelope, call core, answer with events (docs/protocol.md)."""
+"""Socket.IO handlers of chat and models: validate the envelope, call core, answer with events.
+
+Handlers are registered by `init_socketio` (called from the app factory); a handler's failure
+becomes an `error` event to the sender with `scope` = the event it answers (docs/protocol.md).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,49 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import current_app, request
+from flask_socketio import SocketIO
 
-from core.errors import BadRequest, SwitchboardError
-from core.providers.base import resolve_engine
+from core.errors import BadRequest, SwitchboardError, as_switchboard_error
+from web_ui.errors import socket_error
 from web_ui.extensions import services, socketio
+from web_ui.sinks import SocketSink
 
 log = logging.getLogger(__name__)
 
+Handler = Callable[[Any], None]
 
-class SocketSink:
-    """Sends one stream's events to the client that asked (its Socket.IO session id)."""
 
-    def __init__(self, sid: str) -> None:
-        self.sid = sid
+def handler(event: str, echo: tuple[str, ...] = ("chat_id",)) -> Callable[[Handler], Handler]:
+    """Wrap `fn(data)` so a failure becomes an `error` event to the sender: `scope` is `event`, and the
+    request's `echo` fields (when they are strings) say what failed. The connection stays usable."""
 
-    def emit(self, event: str, payload: dict) -> None:
-        socketio.emit(event, payload, to=self.sid)
+    def wrap(fn: Handler) -> Handler:
+        def on_event(data: Any = None) -> None:
+            try:
+                fn(data)
+            except Exception as exc:
+                if not isinstance(exc, SwitchboardError):
+                    log.exception("event=socket_handler_crashed on=%s", event)
+                error = as_switchboard_error(exc, f"the {event} handler")
+                about = {k: data[k] for k in echo if isinstance(data, dict) and isinstance(data.get(k), str)}
+                log.warning("event=socket_error on=%s code=%s message=%s", event, error.code, error.message)
+                socketio.emit("error", socket_error(error, event, **about), to=request.sid)
+
+        on_event.__name__ = f"on_{event}"
+        return on_event
+
+    return wrap
+
+
+def run_in_background(work: Callable[[], None]) -> None:
+    """Run `work` as a background task (a green thread) inside the app's context."""
+    app = current_app._get_current_object()
+
+    def run() -> None:
+        with app.app_context():
+            work()
+
+    socketio.start_background_task(run)
 
 
 def _chat_id_of(data: Any) -> Any:
@@ -31,64 +62,35 @@ def _chat_id_of(data: Any) -> Any:
     return data.get("chat_id")
 
 
-def handles_errors(event: str, echo: tuple[str, ...] = ("chat_id",)) -> Callable:
-    """Decorator: a SwitchboardError becomes an `error` event to the sender (with the request's `echo`
-    fields, so the client knows what failed); the connection stays usable."""
-
-    def wrap(fn: Callable) -> Callable:
-        def handler(data: Any = None) -> None:
-            try:
-                fn(data)
-            except SwitchboardError as exc:
-                payload = exc.to_dict()
-                for key in echo:
-                    if isinstance(data, dict) and isinstance(data.get(key), str):
-                        payload[key] = data[key]
-                log.warning("event=socket_error on=%s code=%s message=%s", event, exc.code, exc.message)
-                socketio.emit("error", payload, to=request.sid)
-
-        handler.__name__ = f"on_{event}"
-        socketio.on_event(event, handler)
-        return handler
-
-    return wrap
-
-
-@handles_errors("chat")
+@handler("chat")
 def on_chat(data: Any) -> None:
-    svc = services()
-    job = svc.chat.accept(data)
+    chat = services().chat
+    job = chat.accept(data)
     sink = SocketSink(request.sid)
-    app = current_app._get_current_object()
-
-    def run() -> None:
-        with app.app_context():
-            svc.chat.run(job, sink)
-
-    socketio.start_background_task(run)
+    run_in_background(lambda: chat.run(job, sink))
 
 
-@handles_errors("stop")
+@handler("stop")
 def on_stop(data: Any) -> None:
     services().chat.stop(_chat_id_of(data))
 
 
-@handles_errors("reset")
+@handler("reset")
 def on_reset(data: Any) -> None:
     chat_id = _chat_id_of(data)
     services().chat.reset(chat_id)
     socketio.emit("reset_ok", {"chat_id": chat_id}, to=request.sid)
 
 
-@handles_errors("list_models")
+@handler("list_models")
 def on_list_models(data: Any) -> None:
     socketio.emit("models", services().models_payload(refresh=True), to=request.sid)
 
 
-@handles_errors("select_model")
+@handler("select_model", echo=("model",))
 def on_select_model(data: Any) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("model"), str):
-        raise BadRequest("select_model needs {model: string}")
+        raise BadRequest("select_model needs {model: string}", param="model")
     svc = services()
     provider, model = svc.router.route(data["model"])
     socketio.emit("model_selected", {"model": model.id}, to=request.sid)
@@ -97,11 +99,23 @@ def on_select_model(data: Any) -> None:
     def prepare() -> None:
         # Free and load now, so the first message to this model does not wait for the switch.
         try:
-            engine = resolve_engine(provider, model)
-            svc.resources.prepare(engine, provider.kind, model.native_name, reason="select_model", target=model.id)
-        except SwitchboardError as exc:
-            socketio.emit("error", exc.to_dict(), to=sid)
-        except Exception:
-            log.exception("event=select_model_failed model=%s", model.id)
+            svc.resources.prepare(provider, model, reason="select_model")
+        except Exception as exc:
+            if not isinstance(exc, SwitchboardError):
+                log.exception("event=select_model_failed model=%s", model.id)
+            error = as_switchboard_error(exc, "preparing the model")
+            socketio.emit("error", socket_error(error, "select_model", model=model.id), to=sid)
 
-    socketio.start_background_task(prepare)
+    run_in_background(prepare)
+
+
+def init_socketio(sio: SocketIO) -> None:
+    """Register the chat and model-selection handlers on `sio`."""
+    for event, fn in (
+        ("chat", on_chat),
+        ("stop", on_stop),
+        ("reset", on_reset),
+        ("list_models", on_list_models),
+        ("select_model", on_select_model),
+    ):
+        sio.on_event(event, fn)

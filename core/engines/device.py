@@ -7,17 +7,18 @@ import gc
 import logging
 import sys
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def pick_device(preference: str = "auto") -> tuple[str, str]:
-    """(device, dtype name): CUDA when present (bf16 where supported, else fp16), else CPU bf16.
+def pick_device(preference: str = "auto", cpu_dtype: str = "bfloat16") -> tuple[str, str]:
+    """(device, dtype name): CUDA when present (bf16 where supported, else fp16), else the CPU in `cpu_dtype`.
 
-    bf16 on CPU is ~1.5x faster than fp32 for these memory-bound decoders (SmolLM2 on 2 cores: 18-22 vs
-    13 tokens/s).
+    bf16 on CPU is ~1.5x faster than fp32 for the memory-bound chat decoders (SmolLM2 on 2 cores: 18-22
+    vs 13 tokens/s); small encoders and seq2seq models pass float32.
     """
     import torch
 
@@ -26,10 +27,10 @@ def pick_device(preference: str = "auto") -> tuple[str, str]:
     if preference.startswith("cuda"):
         if not torch.cuda.is_available():
             log.warning("event=device_fallback wanted=%s using=cpu reason=cuda_unavailable", preference)
-            return "cpu", "bfloat16"
+            return "cpu", cpu_dtype
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         return preference, dtype
-    return "cpu", "bfloat16"
+    return "cpu", cpu_dtype
 
 
 def release_memory(device: str) -> None:
@@ -87,3 +88,28 @@ class CancelCriteria:
         import torch
 
         return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _EmitQueue:
+    """Stands in for `TextIteratorStreamer.text_queue`: hands each decoded piece to `emit` at once.
+
+    The streamer's own queue would need a reader thread per generation; our callers already run
+    `generate` in the OS thread that should pass the text on, so a put is simply a call.
+    """
+
+    def __init__(self, emit: Callable[[str], None], stop_signal: Any) -> None:
+        self.emit = emit
+        self.stop_signal = stop_signal
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is not self.stop_signal and item:
+            self.emit(item)
+
+
+def emitting_streamer(tokenizer: Any, emit: Callable[[str], None], skip_prompt: bool) -> Any:
+    """A transformers TextIteratorStreamer (special tokens skipped) that calls `emit` instead of queueing."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
+    streamer.text_queue = _EmitQueue(emit, streamer.stop_signal)
+    return streamer

@@ -1,32 +1,29 @@
 """Translation engines.
 
-Two ways to translate, both streaming text pieces from a blocking generator (run it in an OS thread):
+Two ways to translate, both generating in the OS thread that calls them and handing each piece of
+text to an `emit` callback (the job runner runs them off the event loop):
 
 - **A chat model with a translation prompt** (the default). For a local model this is *the chat
-  engine itself* — `LocalProvider.engine_for(model)` returns the one `TransformersChatEngine` per
-  model, so chat and translation share its weights (loaded once, counted once) and the engine's own
-  `generate` streams the translation. `translation_messages` builds the prompt; any provider's
-  `stream_chat` (local, Ollama, OpenAI-compatible) can run it.
+  engine itself* (`LocalProvider.engine_for(model)` returns the one engine per model), so chat and
+  translation share its weights, loaded once and counted once. `translation_messages` builds the
+  prompt; any provider's `push_chat` (local, Ollama, OpenAI-compatible) runs it.
 - **A dedicated seq2seq model** (`Seq2SeqTranslationEngine`, e.g. a Marian `opus-mt-*` model in the
-  model cache), an Engine of its own with load / unload / is_loaded / memory_bytes.
+  model cache), an Engine of its own.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.concurrency import os_lock, os_queue, start_os_thread
-from core.engines.base import LOADED, LOADING, UNLOADED, UNLOADING, Engine
-from core.engines.device import CancelCriteria, module_bytes, pick_device, release_memory, weights_on_disk
+from core.engines.base import Engine
+from core.engines.device import CancelCriteria, emitting_streamer
 from core.errors import GenerationFailed, ModelUnavailable
-from core.providers.base import CancelToken
-from core.types import ChatOptions, Message, StreamResult
+from core.types import CancelToken, ChatOptions, Message, StreamResult
 
 log = logging.getLogger(__name__)
 
@@ -55,78 +52,34 @@ def marian_pair(name: str) -> tuple[str | None, str | None]:
 
 
 class Seq2SeqTranslationEngine(Engine):
-    """An encoder-decoder translation model (Marian, M2M, T5…) loaded with transformers."""
+    """An encoder-decoder translation model (Marian, M2M, T5...) loaded with transformers."""
 
     role = "translation"
+    cpu_dtype = "float32"  # small seq2seq models are accurate and fast enough in fp32 on CPU; half on GPU
 
     def __init__(self, model_id: str, path: Path, device_preference: str = "auto") -> None:
-        self.model_id = model_id
-        self.path = Path(path)
-        self.device_preference = device_preference
-        self.device = "cpu"
-        self.dtype = "float32"
-        self.model: Any = None
+        super().__init__(model_id, path, device_preference)
         self.tokenizer: Any = None
-        self.state = UNLOADED
-        self.source, self.target = marian_pair(self.path.name)
-        self._lock = os_lock()
+        self.source, self.target = marian_pair(Path(path).name)
 
-    def load(self) -> None:
-        with self._lock:
-            if self.model is not None:
-                return
-            import torch
-            from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    def check_files(self) -> None:
+        if not (self.path / "config.json").is_file():
+            raise ModelUnavailable(f"translation model {self.model_id} is not in the model cache ({self.path})")
 
-            if not (self.path / "config.json").is_file():
-                raise ModelUnavailable(f"translation model {self.model_id} is not in the model cache ({self.path})")
-            self.state = LOADING
-            started = time.monotonic()
-            try:
-                self.device, dtype = pick_device(self.device_preference)
-                # Small seq2seq models are accurate and fast enough in fp32 on CPU; half precision on GPU.
-                self.dtype = dtype if self.device != "cpu" else "float32"
-                with warnings.catch_warnings():  # Marian's tokenizer asks for sacremoses, which it does not need
-                    warnings.filterwarnings("ignore", message=".*sacremoses")
-                    self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-                model = AutoModelForSeq2SeqLM.from_pretrained(self.path, dtype=getattr(torch, self.dtype))
-                self.model = model.to(self.device).eval()
-            except ImportError as exc:  # e.g. Marian's tokenizer needs sentencepiece
-                self.model = self.tokenizer = None
-                self.state = UNLOADED
-                raise ModelUnavailable(f"translation model {self.model_id} needs a missing package: {exc}") from None
-            except Exception:
-                self.model = self.tokenizer = None
-                self.state = UNLOADED
-                raise
-            self.state = LOADED
-            log.info(
-                "event=engine_load role=translation model=%s device=%s took_ms=%d bytes=%d",
-                self.model_id,
-                self.device,
-                (time.monotonic() - started) * 1000,
-                self.memory_bytes(),
-            )
+    def load_weights(self, device: str, dtype: str) -> Any:
+        import torch
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    def unload(self) -> None:
-        with self._lock:
-            if self.model is None:
-                return
-            self.state = UNLOADING
-            self.model = self.tokenizer = None
-            release_memory(self.device)
-            self.state = UNLOADED
+        try:
+            with warnings.catch_warnings():  # Marian's tokenizer asks for sacremoses, which it does not need
+                warnings.filterwarnings("ignore", message=".*sacremoses")
+                self.tokenizer = self.tokenizer or AutoTokenizer.from_pretrained(self.path)
+        except ImportError as exc:  # e.g. Marian's tokenizer needs sentencepiece
+            raise ModelUnavailable(f"translation model {self.model_id} needs a missing package: {exc}") from None
+        model = AutoModelForSeq2SeqLM.from_pretrained(self.path, dtype=getattr(torch, dtype))
+        return model.to(device).eval()
 
-    def is_loaded(self) -> bool:
-        return self.model is not None
-
-    def memory_bytes(self) -> int:
-        return module_bytes(self.model)
-
-    def expected_bytes(self) -> int:
-        return weights_on_disk(self.path)
-
-    def translate(
+    def translate_to(
         self,
         text: str,
         source: str | None,
@@ -134,23 +87,23 @@ class Seq2SeqTranslationEngine(Engine):
         options: ChatOptions,
         cancel: CancelToken,
         result: StreamResult,
-    ) -> Iterator[str]:
-        """Stream the translation, line by line (each line is one generate in an OS thread)."""
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        emit: Callable[[str], None],
+    ) -> None:
+        """Translate in the calling (OS) thread, line by line, handing each decoded piece to `emit`."""
+        from transformers import StoppingCriteriaList
 
-        self.load()
-        model, tokenizer = self.model, self.tokenizer
+        model = self.weights_for_use()
+        tokenizer = self.tokenizer
         prefix = ""
         codes = getattr(tokenizer, "supported_language_codes", None) or []
         if f">>{target}<<" in codes:  # multi-target Marian models pick the language by a prefix token
             prefix = f">>{target}<< "
         limit = min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
-        lines = text.split("\n")
         prompt_tokens = completion_tokens = 0
         finish = "stop"
-        for n, line in enumerate(lines):
+        for n, line in enumerate(text.split("\n")):
             if n:
-                yield "\n"
+                emit("\n")
             if not line.strip():
                 continue
             if cancel.is_set():
@@ -158,35 +111,18 @@ class Seq2SeqTranslationEngine(Engine):
             inputs = tokenizer(prefix + line, return_tensors="pt", truncation=True, max_length=limit).to(self.device)
             prompt_tokens += int(inputs["input_ids"].shape[1])
             budget = max(1, options.max_new_tokens - completion_tokens)
-            streamer = TextIteratorStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
-            streamer.text_queue = os_queue()  # a green queue would never wake across OS threads
-            outcome: dict[str, Any] = {}
-
-            def run(
-                inputs: Any = inputs, streamer: Any = streamer, outcome: dict = outcome, budget: int = budget
-            ) -> None:
-                try:
-                    outcome["sequences"] = model.generate(
-                        **inputs,
-                        streamer=streamer,
-                        max_new_tokens=budget,
-                        do_sample=False,
-                        num_beams=1,
-                        stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]),
-                    )
-                except BaseException as exc:  # reported to the consumer below
-                    outcome["error"] = exc
-                    streamer.end()
-
-            thread = start_os_thread(run, name=f"translate-{self.model_id}")
-            for piece in streamer:
-                if piece:
-                    yield piece
-            thread.join()
-            if "error" in outcome:
-                log.error("event=translation_failed model=%s error=%r", self.model_id, outcome["error"])
-                raise GenerationFailed(f"the translation model failed: {outcome['error']}")
-            sequences = outcome["sequences"]
+            try:
+                sequences = model.generate(
+                    **inputs,
+                    streamer=emitting_streamer(tokenizer, emit, skip_prompt=False),
+                    max_new_tokens=budget,
+                    do_sample=False,
+                    num_beams=1,
+                    stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]),
+                )
+            except Exception as exc:
+                log.error("event=translation_failed model=%s error=%r", self.model_id, exc)
+                raise GenerationFailed(f"the translation model failed: {exc}") from None
             produced = int(sequences.shape[1]) - 1  # the decoder start token is not generated text
             completion_tokens += produced
             eos = getattr(model.generation_config, "eos_token_id", None)

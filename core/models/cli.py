@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 
 from core.errors import BadRequest, Busy, NotFound, SwitchboardError
-from core.models.cache import INCOMPLETE, MISSING, ModelCache, disk_usage, validate_repo_id
-from core.models.catalog import CATALOG, find_entry
+from core.models.cache import INCOMPLETE, ModelCache, disk_usage
+from core.models.manager import ModelManager, parse_repo
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -112,9 +112,7 @@ def _when(ts: float | None) -> str | None:
 
 def _repo(name: str) -> str:
     """Accept `org/name` or the page's `local:org/name`; reject anything that could leave MODEL_DIR."""
-    repo = name[len("local:") :] if name.startswith("local:") else name
-    validate_repo_id(repo)
-    return repo
+    return parse_repo(name)
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -133,24 +131,20 @@ def _confirm(question: str, force: bool) -> bool:
 
 
 def models_list(args: argparse.Namespace, settings: object, cache: ModelCache) -> int:
-    repos = [e.repo_id for e in CATALOG]
-    repos += [r for r in cache.list_cached() if r not in repos]
-    rows = []
-    for repo in repos:
-        status, entry = cache.status(repo), find_entry(repo)
-        rows.append(
-            {
-                "model": repo,
-                "name": entry.name if entry else "",
-                "status": status.status,
-                "reason": status.reason,
-                "downloading": cache.is_locked(repo),
-                "size_bytes": disk_usage(status.path) if status.status != MISSING else 0,
-                "path": str(status.path),
-                "last_used": _when(cache.last_used(repo)),
-                "in_catalog": entry is not None,
-            }
-        )
+    rows = [
+        {
+            "model": r["model"],
+            "name": r["name"] if r["in_catalog"] else "",
+            "status": r["status"],
+            "reason": r["reason"],
+            "downloading": r["downloading"],
+            "size_bytes": r["size_bytes"],
+            "path": r["path"],
+            "last_used": _when(r["last_used"]),
+            "in_catalog": r["in_catalog"],
+        }
+        for r in ModelManager(cache).listing()["models"]
+    ]
     if args.json:
         _out(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -225,14 +219,7 @@ def models_pull(args: argparse.Namespace, settings: object, cache: ModelCache) -
 
 
 def models_verify(args: argparse.Namespace, settings: object, cache: ModelCache) -> int:
-    if args.name:
-        repo = _repo(args.name)
-        if not cache.path_for(repo).is_dir():
-            raise NotFound(f"{repo} is not in the cache ({cache.path_for(repo)})")
-        repos = [repo]
-    else:
-        repos = cache.list_cached()
-    reports = [cache.verify(r) for r in repos]
+    reports = ModelManager(cache).verify(_repo(args.name) if args.name else None)
     if args.json:
         _out(
             json.dumps(
@@ -271,7 +258,7 @@ def models_rm(args: argparse.Namespace, settings: object, cache: ModelCache) -> 
     if not _confirm(f"remove {repo} ({_human(disk_usage(path))}) at {path}?", args.force):
         _err("aborted; nothing removed")
         return EXIT_FAILED
-    freed = cache.remove(repo)
+    freed = ModelManager(cache).delete(repo)["bytes_freed"]
     _err(f"removed {repo}; freed {_human(freed)}")
     return EXIT_OK
 

@@ -177,7 +177,7 @@ class DownloadManager:
             _REGISTRY.pop(key, None)
         if job.error is not None:
             log.info("download of %s failed: %s", job.repo_id, job.error.message)
-            job.emit(ERROR, {"model": job.repo_id, **job.error.to_dict()})
+            job.emit(ERROR, {"model": job.repo_id, **job.error.to_dict(), "error": job.error})
         else:
             job.emit(DONE, job.result.to_event())  # type: ignore[union-attr]
         job.done.set()

@@ -3,7 +3,7 @@
 The download runs in a real OS thread while requesters may be green threads (the server under eventlet),
 so every primitive here is an un-patched one from core.concurrency: a patched lock or event held or set
 across OS threads never wakes its waiter (docs/architecture.md). Listeners are called from the download's
-thread; a server hands their payloads to its green side through an `os_queue`.
+thread; a server hands their payloads to its green side through a `Mailbox`.
 """
 
 from __future__ import annotations

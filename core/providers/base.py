@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from core.concurrency import run_blocking
-from core.types import ChatOptions, Message, ModelInfo, StreamResult
+from core.types import CancelToken, ChatOptions, Message, ModelInfo, StreamResult
 
 # Rough characters-per-token ratio used when a backend offers no tokenizer.
 APPROX_CHARS_PER_TOKEN = 4
 # Upper bounds of what chat templates add: per message (role markers) and once (a default system prompt).
 TEMPLATE_TOKENS_PER_MESSAGE = 16
 TEMPLATE_TOKENS_FIXED = 64
-
-
-class CancelToken(Protocol):
-    """Anything with `is_set()`; set by `stop` from another thread (a real threading.Event)."""
-
-    def is_set(self) -> bool: ...
 
 
 @dataclass
@@ -61,6 +55,10 @@ class Provider(ABC):
     max_concurrency: int | None = None
     #: Its models run inside this server as engines (which the resource manager loads and unloads).
     in_process: bool = False
+    #: It keeps models in memory of its own (another runtime on this machine) and can be asked to
+    #: release them: the resource manager frees it before a local model loads (`loaded_models`,
+    #: `unload`, `wait_unloaded`).
+    holds_memory: bool = False
 
     @abstractmethod
     def list_models(self, refresh: bool = False) -> ProviderGroup:
@@ -100,12 +98,16 @@ class Provider(ABC):
         return None
 
     def loaded_models(self) -> list[dict]:
-        """Models this backend holds in memory now (name, size, device…)."""
+        """Models this backend holds in memory now ({name, size, device, ...}); never raises."""
         return []
 
     def unload(self, model: ModelInfo | None = None) -> None:
         """Free the memory held for `model` (or everything when None); nothing to free by default."""
         return None
+
+    def wait_unloaded(self, names: Iterable[str], timeout: float = 10.0) -> bool:
+        """Wait until none of `names` is held any more; False when `timeout` passed first."""
+        return True
 
     def count_tokens(self, model: ModelInfo, messages: list[Message]) -> int:
         """Tokens the messages take in the model's context; an estimate unless overridden."""

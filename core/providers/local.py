@@ -6,18 +6,16 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from core.concurrency import os_lock
+from core.concurrency import os_lock, stream_blocking
 from core.engines.chat import TransformersChatEngine
 from core.errors import ModelUnavailable
 from core.models.bundled import ensure_bundled_model, find_bundled_gguf
 from core.models.cache import INCOMPLETE, READY, ModelCache
 from core.models.catalog import CATALOG, CatalogEntry
-from core.providers.base import CancelToken, Provider, ProviderGroup
-from core.types import ChatOptions, Message, ModelInfo, StreamResult
+from core.providers.base import Provider, ProviderGroup
+from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, StreamResult
 
 log = logging.getLogger(__name__)
-
-LOCAL_PREFIX = "local:"
 
 
 class LocalProvider(Provider):
@@ -77,7 +75,7 @@ class LocalProvider(Provider):
         elif status != READY:
             reason = f"not downloaded ({entry.approx_size})"
         return ModelInfo(
-            id=LOCAL_PREFIX + entry.repo_id,
+            id=str(ModelId.local(entry.repo_id)),
             name=entry.name,
             provider="local",
             connection="local",
@@ -139,13 +137,13 @@ class LocalProvider(Provider):
     def stream_chat(
         self, model: ModelInfo, messages: list[Message], options: ChatOptions, cancel: CancelToken, result: StreamResult
     ) -> Iterator[str]:
-        engine = self.engine_for(model)
-        # Placement (what else to unload first) is the resource manager's job; generate() loads
-        # lazily only when a provider is used without one (tools, unit tests).
-        try:
-            yield from engine.generate(messages, options, cancel, result)
-        finally:
-            self.cache.touch_last_used(model.native_name)
+        """`push_chat` as an iterator (generation runs in a worker thread; the chat service uses push_chat)."""
+        for batch in stream_blocking(
+            lambda emit: self.push_chat(model, messages, options, cancel, result, emit),
+            cancel=cancel,
+            name=f"generate-{model.native_name}",
+        ):
+            yield from batch
 
     def push_chat(
         self,

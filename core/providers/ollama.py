@@ -9,7 +9,6 @@ import email.utils
 import json
 import logging
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -30,20 +29,18 @@ from core.errors import (
     StreamInterrupted,
     SwitchboardError,
 )
-from core.providers.base import CancelToken, Provider, ProviderGroup
+from core.providers.base import Provider, ProviderGroup
+from core.providers.watchdog import StreamWatchdog, requests_socket, timeout_error
 from core.reasoning import Reasoning
-from core.types import ChatOptions, Message, ModelInfo, StreamResult
+from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, StreamResult
 
 log = logging.getLogger(__name__)
 
-ID_PREFIX = "ollama:"
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def normalize_name(name: str) -> str:
-    """Ollama's `model:tag` form: a name without a tag means `:latest`; an `ollama:` id prefix is dropped."""
-    if name.startswith(ID_PREFIX):
-        name = name[len(ID_PREFIX) :]
+    """Ollama's `model:tag` form: a name without a tag means `:latest`."""
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
@@ -90,6 +87,7 @@ class OllamaProvider(Provider):
     key = "ollama"
     kind = "ollama"
     display_name = "Ollama"
+    holds_memory = True
 
     def __init__(self, settings: Any) -> None:
         self.settings = settings
@@ -97,6 +95,7 @@ class OllamaProvider(Provider):
         self._local = threading.local()
         self._lock = os_lock()  # used from OS threads (streams, discovery): a green lock would break
         self._cache: tuple[float, ProviderGroup] | None = None
+        self._last_state: str | None = None  # "up" or why not: logged when it changes, not at every poll
 
     # -- plumbing -----------------------------------------------------------------------------
     def _session(self) -> requests.Session:
@@ -115,6 +114,17 @@ class OllamaProvider(Provider):
     @property
     def _timeouts(self) -> tuple[float, float]:
         return (float(self.settings.connect_timeout), float(self.settings.idle_timeout))
+
+    def _note_state(self, problem: str | None) -> None:
+        """Log Ollama going away or coming back once, not at every status poll."""
+        state = problem or "up"
+        if state == self._last_state:
+            return
+        self._last_state = state
+        if problem is None:
+            log.info("event=ollama_available host=%s", self.host)
+        else:
+            log.info("event=ollama_unavailable host=%s reason=%s", self.host, problem)
 
     def _unreachable(self) -> ProviderUnreachable:
         return ProviderUnreachable(f"Ollama not reachable at {self.host} — is `ollama serve` running?")
@@ -180,15 +190,16 @@ class OllamaProvider(Provider):
                 (self._model_info(e) for e in entries if isinstance(e, dict) and e.get("name")), key=lambda m: m.name
             )
             log.debug("event=ollama_discovered models=%d host=%s", len(group.models), self.host)
+            self._note_state(None)
             return group
-        log.info("event=ollama_unavailable reason=%s", group.reason)
+        self._note_state(group.reason)
         return group
 
     def _model_info(self, entry: dict) -> ModelInfo:
         name = str(entry["name"])
         details = entry.get("details") or {}
         return ModelInfo(
-            id=ID_PREFIX + name,
+            id=str(ModelId(self.key, name)),
             name=name,
             provider=self.kind,
             connection=self.key,
@@ -230,13 +241,14 @@ class OllamaProvider(Provider):
 
         Raises ProviderUnreachable, ModelNotFound (404), AuthFailed (401/403), RateLimited (429),
         ProviderError (other statuses, Ollama's mid-stream error line), ProviderTimeout (connect,
-        first token, idle) or StreamInterrupted (connection dropped, no final `done` object).
+        first token, idle: the shared StreamWatchdog) or StreamInterrupted (connection dropped, no
+        final `done` object). `stop` cuts the connection, so Ollama stops generating too.
         """
         name = model.native_name
         first_s = float(self.settings.first_token_timeout)
         idle_s = float(self.settings.idle_timeout)
         started = time.monotonic()
-        try:
+        try:  # the read timeout covers the wait for the response headers (sent with the first token)
             resp = self._session().post(
                 self._url("/api/chat"),
                 json=self._chat_body(model, messages, options),
@@ -245,38 +257,33 @@ class OllamaProvider(Provider):
             )
         except requests.exceptions.ConnectTimeout:
             raise ProviderTimeout(
-                f"Ollama at {self.host} did not accept a connection within {self.settings.connect_timeout:g}s"
+                f"Ollama at {self.host} did not accept a connection within {self.settings.connect_timeout:g} s"
             ) from None
         except requests.exceptions.Timeout:
-            raise ProviderTimeout(f"Ollama sent no token from {name} within {first_s:g}s") from None
+            raise timeout_error("Ollama", "first_token", first_s, idle_s) from None
         except requests.exceptions.ConnectionError:
             raise self._unreachable() from None
         log.info("event=ollama_chat_start model=%s messages=%d", name, len(messages))
+        sock = requests_socket(resp)
+        if sock is not None:  # only a backstop from here on: the watchdog enforces the limits
+            sock.settimeout(max(first_s, idle_s) + 1.0)
+        watch = StreamWatchdog(cancel, sock, started, first_s, idle_s, name="ollama-watchdog")
         try:
             if resp.status_code != 200:
                 self._raise_for_status(resp, model=name)
-            got_first = False
-            for obj in self._ndjson(resp, name, first_s, idle_s, lambda: got_first):  # noqa: B023 (reads the latest)
-                if cancel.is_set():
-                    result.finish_reason = "cancelled"
-                    log.info("event=ollama_chat_cancelled model=%s", name)
-                    return
+            for obj in self._ndjson(resp, name, watch):
                 if obj.get("error"):
                     raise ProviderError(f"Ollama error while generating with {name}: {obj['error']}")
-                if not got_first:
-                    got_first = True
-                    self._set_read_timeout(resp, idle_s)
                 message = obj.get("message") or {}
                 thinking = message.get("thinking") or ""
+                content = message.get("content") or ""
+                watch.progress(bool(thinking or content))
                 if thinking:  # a thinking model's trace (Ollama >= 0.9), kept off the answer text
                     yield Reasoning(thinking)
-                content = message.get("content") or ""
                 if content:
                     yield content
-                    if cancel.is_set():
-                        result.finish_reason = "cancelled"
-                        log.info("event=ollama_chat_cancelled model=%s", name)
-                        return
+                if cancel.is_set():
+                    break
                 if obj.get("done"):
                     result.finish_reason = "length" if obj.get("done_reason") == "length" else "stop"
                     result.usage.prompt_tokens = int(obj.get("prompt_eval_count") or 0)
@@ -290,14 +297,17 @@ class OllamaProvider(Provider):
                         time.monotonic() - started,
                     )
                     return
+            if cancel.is_set():
+                result.finish_reason = "cancelled"
+                log.info("event=ollama_chat_cancelled model=%s", name)
+                return
             raise StreamInterrupted(f"Ollama's answer from {name} ended before it was complete")
         finally:
+            watch.stop()
             resp.close()
 
-    def _ndjson(
-        self, resp: requests.Response, name: str, first_s: float, idle_s: float, got_first: Any
-    ) -> Iterator[dict]:
-        """Objects from the NDJSON body; transport failures mapped to core.errors."""
+    def _ndjson(self, resp: requests.Response, name: str, watch: StreamWatchdog) -> Iterator[dict]:
+        """Objects from the NDJSON body until it ends or stop cuts it; transport failures mapped to core.errors."""
         buf = b""
         chunks = iter(resp.iter_content(chunk_size=None))
         while True:
@@ -305,17 +315,17 @@ class OllamaProvider(Provider):
                 chunk = next(chunks)
             except StopIteration:
                 break
-            except (TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-                if isinstance(exc, (requests.exceptions.Timeout, socket.timeout)) or (
+            except (OSError, requests.exceptions.RequestException) as exc:
+                if watch.tripped == "cancelled" or watch.cancel.is_set():
+                    return  # our own shutdown of the socket ended the read
+                tripped = watch.error("Ollama")
+                if tripped is not None:
+                    raise tripped from None
+                if isinstance(exc, (requests.exceptions.Timeout, TimeoutError)) or (
                     exc.args and isinstance(exc.args[0], ReadTimeoutError)
-                ):
-                    if got_first():
-                        raise ProviderTimeout(
-                            f"Ollama's stream from {name} stalled: no token for {idle_s:g}s"
-                        ) from None
-                    raise ProviderTimeout(f"Ollama sent no token from {name} within {first_s:g}s") from None
-                raise StreamInterrupted(f"Ollama's connection dropped while {name} was answering") from None
-            except requests.exceptions.RequestException:
+                ):  # the read-timeout backstop
+                    why = "idle" if watch.got_token else "first_token"
+                    raise timeout_error("Ollama", why, watch.first_token_s, watch.idle_s) from None
                 raise StreamInterrupted(f"Ollama's connection dropped while {name} was answering") from None
             buf += chunk
             *lines, buf = buf.split(b"\n")
@@ -335,16 +345,6 @@ class OllamaProvider(Provider):
             raise ProviderError(f"Ollama sent an unexpected line while {name} was answering")
         return obj
 
-    @staticmethod
-    def _set_read_timeout(resp: requests.Response, seconds: float) -> None:
-        """Switch the open socket from the first-token timeout to the idle timeout."""
-        try:
-            sock = resp.raw.connection.sock  # urllib3 2.x keeps the connection on a streamed response
-            if sock is not None:
-                sock.settimeout(seconds)
-        except AttributeError:
-            log.debug("event=ollama_idle_timeout_unset reason=no_socket")
-
     # -- load state ---------------------------------------------------------------------------
     def _ps(self) -> list[dict]:
         resp = self._request("GET", "/api/ps")
@@ -360,8 +360,9 @@ class OllamaProvider(Provider):
         try:
             models = self._ps()
         except SwitchboardError as exc:
-            log.info("event=ollama_ps_failed message=%s", exc.message)
+            self._note_state(exc.message)
             return []
+        self._note_state(None)
         out = []
         for m in models:
             size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)

@@ -31,10 +31,10 @@ from core.errors import (
     StreamInterrupted,
     SwitchboardError,
 )
-from core.providers.base import CancelToken, Provider, ProviderGroup
-from core.providers.watchdog import StreamWatchdog
+from core.providers.base import Provider, ProviderGroup
+from core.providers.watchdog import StreamWatchdog, httpx_socket, timeout_error
 from core.reasoning import Reasoning
-from core.types import ChatOptions, Message, ModelInfo, StreamResult, Usage
+from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, StreamResult, Usage
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class OpenAICompatProvider(Provider):
         if owned_by:
             details["owned_by"] = owned_by
         return ModelInfo(
-            id=f"{self.conn.key}:{name}",
+            id=str(ModelId(self.conn.key, name)),
             name=name,
             provider=self.kind,
             connection=self.conn.key,
@@ -295,7 +295,12 @@ class OpenAICompatProvider(Provider):
             except openai.OpenAIError as exc:
                 raise self._error(exc, model, key, streaming=False) from None
             watch = StreamWatchdog(
-                cancel, stream.response, started, self.settings.first_token_timeout, self.settings.idle_timeout
+                cancel,
+                httpx_socket(stream.response),
+                started,
+                self.settings.first_token_timeout,
+                self.settings.idle_timeout,
+                name="openai-watchdog",
             )
             try:
                 for chunk in stream:
@@ -364,14 +369,7 @@ class OpenAICompatProvider(Provider):
 
     # -- errors ----------------------------------------------------------------------------------
     def _timeout(self, why: str) -> ProviderTimeout:
-        if why == "first_token":
-            return ProviderTimeout(
-                f"{self.display_name} sent no token within "
-                f"{self.settings.first_token_timeout:g} s (timeouts.first_token)"
-            )
-        return ProviderTimeout(
-            f"{self.display_name} sent nothing for {self.settings.idle_timeout:g} s mid-answer (timeouts.idle)"
-        )
+        return timeout_error(self.display_name, why, self.settings.first_token_timeout, self.settings.idle_timeout)
 
     def _error(
         self, exc: openai.OpenAIError, model: ModelInfo, key: str, *, streaming: bool, chunks: int = 0

@@ -1,9 +1,10 @@
 """The resource manager: the one owner of what is loaded, who is using it, and what gets unloaded.
 
 Like Ollama's scheduler, routes never touch engines: they ask the manager. Invariants:
-- `_cond` protects every Slot's `leases` and `unload_pending`. It and `_switch` are the app's own
-  (green under eventlet) primitives: every method is called from the app's side, and all blocking
-  work (loads, unloads, Ollama requests) goes to OS threads through run_blocking.
+- `_cond` protects every Slot's `leases` and `unload_pending`, and the other runtimes' leases. It
+  and `_switch` are the app's own (green under eventlet) primitives: every method is called from
+  the app's side, and all blocking work (loads, unloads, other runtimes' requests) goes to OS
+  threads through run_blocking.
 - `_switch` serializes loads, unloads and switches, so two users switching at once cannot interleave.
 - An engine with leases is never unloaded: the unload waits (and says so in the status) until the
   leases end; a request for an engine that is being unloaded waits, then loads it again.
@@ -22,12 +23,13 @@ from typing import Any
 
 from core.concurrency import run_blocking
 from core.engines.base import Engine
+from core.providers.base import resolve_engine
 from core.resources import memory
 from core.resources.policy import POLICIES, plan_evictions
+from core.resources.runtimes import OtherRuntimes
+from core.types import ModelId, ModelInfo
 
 log = logging.getLogger(__name__)
-
-EXTERNAL_KINDS = ("ollama", "openai")
 
 
 @dataclass
@@ -57,23 +59,22 @@ class ResourceManager:
         policy: str = "exclusive",
         budget_bytes: int = 0,
         ttl_s: dict[str, float] | None = None,
-        ollama: Any | None = None,
-        ollama_wait_s: float = 10.0,
+        runtimes: list[Any] | None = None,
+        release_wait_s: float = 10.0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown resource policy {policy!r}; use one of {', '.join(POLICIES)}")
         self.policy = policy
         self.budget_bytes = budget_bytes
         self.ttl_s = ttl_s or {}
-        self.ollama = ollama
-        self.ollama_wait_s = ollama_wait_s
         self.slots: dict[int, Slot] = {}
-        self.ollama_leases: dict[str, int] = {}
         self.last_switch: dict[str, Any] | None = None
         self.current_kind: str | None = None
         self.listeners: list[Callable[[], None]] = []
         self._cond = threading.Condition()
         self._switch = threading.RLock()
+        #: Providers that hold memory of their own (Ollama): released before a local model loads.
+        self.runtimes = OtherRuntimes(runtimes or [], release_wait_s, self._cond)
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def track(self, engine: Engine, role: str) -> Slot:
@@ -91,6 +92,11 @@ class ResourceManager:
             return [
                 s for s in self.slots.values() if model_id is None or getattr(s.engine, "model_id", None) == model_id
             ]
+
+    def slots_of_role(self, role: str) -> list[Slot]:
+        """The tracked slots that serve `role`, read under the lock."""
+        with self._cond:
+            return [s for s in self.slots.values() if role in s.roles]
 
     def forget(self, engine: Engine) -> None:
         """Stop tracking an engine whose files are gone (it must be unloaded)."""
@@ -153,35 +159,11 @@ class ResourceManager:
         finally:
             self._changed()
 
-    def _unload_ollama(self, reason: str) -> list[str]:
-        """Unload every model Ollama holds (after its streams end) and wait until /api/ps is empty."""
-        if self.ollama is None:
-            return []
-        loaded = [m["name"] for m in run_blocking(self.ollama.loaded_models)]
-        with self._cond:  # a stream that just started may not be in /api/ps yet: it counts too
-            loaded += [n for n, count in self.ollama_leases.items() if count > 0 and n not in loaded]
-        for name in loaded:
-            with self._cond:
-                while self.ollama_leases.get(name, 0) > 0:
-                    self._cond.wait(timeout=0.25)
-            run_blocking(self.ollama.unload, name)
-        if loaded:
-            if run_blocking(self.ollama.wait_unloaded, loaded, self.ollama_wait_s):
-                log.info("event=ollama_unload models=%s reason=%s result=unloaded", ",".join(loaded), reason)
-            else:
-                log.warning(
-                    "event=ollama_unload models=%s reason=%s result=still_loaded_after_%.0fs",
-                    ",".join(loaded),
-                    reason,
-                    self.ollama_wait_s,
-                )
-        return loaded
-
     def _make_room(self, wanted: Slot | None, kind: str, reason: str) -> list[str]:
         """Apply the policy before `wanted` (a local engine) or an external model of `kind` runs."""
         freed: list[str] = []
         if kind == "local" and self.policy == "exclusive":
-            freed += [f"ollama:{n}" for n in self._unload_ollama(reason)]
+            freed += self.runtimes.release(reason)
         with self._cond:
             candidates = [s for s in self.slots.values() if s is not wanted and s.engine.is_loaded()]
         for slot in plan_evictions(self.policy, wanted, kind, candidates, self.budget_bytes):
@@ -201,7 +183,7 @@ class ResourceManager:
         slot = self.track(engine, role)
         with self._switch:
             if role == "chat":
-                self._switch_to("local", target or f"local:{getattr(engine, 'model_id', '?')}", slot, reason)
+                self._switch_to("local", target or str(ModelId.local(engine.model_id)), slot, reason)
             self._load(slot, reason)
             with self._cond:
                 slot.leases += 1
@@ -217,31 +199,42 @@ class ResourceManager:
             self._changed()
 
     @contextmanager
-    def use_external(self, kind: str, model_name: str, reason: str, target: str | None = None) -> Iterator[None]:
-        """Free local engines per policy before an external model streams; Ollama models get a lease."""
+    def use_external(self, provider: Any, model: ModelInfo, reason: str) -> Iterator[None]:
+        """Free local engines per policy before an external model streams; a runtime's model gets a lease."""
         with self._switch:
-            self._switch_to(kind, target or f"{kind}:{model_name}", None, reason)
+            self._switch_to(provider.kind, model.id, None, reason)
             with self._cond:
-                if kind == "ollama":
-                    self.ollama_leases[model_name] = self.ollama_leases.get(model_name, 0) + 1
+                leased = self.runtimes.hold(provider, model.native_name)
         self._changed()
         try:
             yield
         finally:
-            if kind == "ollama":
+            if leased:
                 with self._cond:
-                    self.ollama_leases[model_name] -= 1
-                    self._cond.notify_all()
+                    self.runtimes.let_go(provider, model.native_name)
             self._changed()
 
-    def prepare(
-        self, engine: Engine | None, kind: str, model_name: str, reason: str, target: str | None = None
-    ) -> None:
-        """What `select_model` does: switch now (free and load) without holding a lease."""
-        if engine is not None:
-            with self.use_engine(engine, "chat", reason, target):
-                return
-        with self.use_external(kind, model_name, reason, target):
+    @contextmanager
+    def claim(self, provider: Any, model: ModelInfo, reason: str, serving: str = "chat") -> Iterator[Any]:
+        """Everything one request to `model` needs, as one call: its engine loaded (switching by policy)
+        and leased, or room made for an external model. Yields the engine (None when external).
+
+        `serving` names the role the request plays (`translation` when a chat model translates), so
+        the engine's slot lists it too; a chat model always switches under the chat policy.
+        """
+        engine = resolve_engine(provider, model)
+        if engine is None:
+            with self.use_external(provider, model, reason):
+                yield None
+            return
+        if serving != "chat":
+            self.track(engine, serving)
+        with self.use_engine(engine, "chat", reason, target=model.id):
+            yield engine
+
+    def prepare(self, provider: Any, model: ModelInfo, reason: str) -> None:
+        """What `select_model` does: switch now (free and load) without keeping a lease."""
+        with self.claim(provider, model, reason):
             return
 
     def _switch_to(self, kind: str, target: str, slot: Slot | None, reason: str) -> None:
@@ -290,8 +283,8 @@ class ResourceManager:
             for slot in chosen:
                 self._unload(slot, reason)
             done = [s.key for s in chosen]
-            if which in ("all", "ollama"):
-                done += [f"ollama:{n}" for n in self._unload_ollama(reason)]
+            if which == "all" or which in self.runtimes.providers:
+                done += self.runtimes.release(reason, only=None if which == "all" else which)
             self.last_switch = None if which == "all" else self.last_switch
         self._changed()
         return done
@@ -325,12 +318,13 @@ class ResourceManager:
         return [s.key for s in expired]
 
     # -- visibility ------------------------------------------------------------------------------
-    def status(self, include_ollama: bool = True) -> dict[str, Any]:
+    def status(self, include_runtimes: bool = True) -> dict[str, Any]:
         """Everything /api/resources and the `resource_status` event report.
 
         Call it from the app's side (a green thread), never through run_blocking: `_cond` is the
-        app's own kind of lock; the Ollama query inside goes to an OS thread by itself.
+        app's own kind of lock; the other runtimes' queries go to OS threads by themselves.
         """
+        runtimes = self.runtimes.status(include_runtimes)
         with self._cond:
             slots = list(self.slots.values())
             engines = [
@@ -347,7 +341,6 @@ class ResourceManager:
                 }
                 for s in slots
             ]
-            ollama_leases = {k: v for k, v in self.ollama_leases.items() if v}
         return {
             "policy": self.policy,
             "budget_bytes": self.budget_bytes,
@@ -355,9 +348,8 @@ class ResourceManager:
             "engines": engines,
             "current": self.last_switch["to"] if self.last_switch else None,
             "last_switch": self.last_switch,
-            "ollama": {
-                "loaded": run_blocking(self.ollama.loaded_models) if (self.ollama and include_ollama) else [],
-                "leases": ollama_leases,
-            },
+            # Other runtimes by provider key; "ollama" is always present (the page shows it).
+            "runtimes": runtimes,
+            "ollama": runtimes.get("ollama", {"loaded": [], "leases": {}}),
             "devices": memory.device_totals(),
         }

@@ -1,0 +1,184 @@
+"""The one runner of streamed jobs (a chat answer, a translation): admission, lease, stream, ending.
+
+Every streamed job goes through the same life, whatever it produces:
+
+    wait for a turn on its model (queued events) -> prepare (e.g. build the prompt) -> claim its
+    resources (a lease from the resource manager) -> produce off the event loop (stream_blocking),
+    delivering pieces as they come -> finish (done event, store) | fail (error, store partial)
+
+A job says only what is specific to it (`StreamJob`); the runner owns the order, the timings, stop,
+and the guarantee that every stream ends with exactly one final event. Surfaces hand the runner a
+`Sink`: Socket.IO, SSE, a collector for non-streaming answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from core.admission import Admission
+from core.concurrency import os_event, os_lock, stream_blocking
+from core.errors import SwitchboardError, as_switchboard_error
+from core.types import StreamResult
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Where a job's events go. `fail` gets the typed error; each surface renders it its own way."""
+
+    def emit(self, event: str, payload: dict) -> None: ...
+
+    def fail(self, error: SwitchboardError, about: dict) -> None: ...
+
+
+@dataclass
+class Timings:
+    """When a job's stream started and its first piece went out (perf_counter seconds)."""
+
+    received: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+    first: float | None = None
+    ended: float | None = None
+
+    @property
+    def setup_ms(self) -> float | None:
+        """Accepted -> generation started (history, admission, lease)."""
+        return round((self.started - self.received) * 1000, 1) if self.started else None
+
+    def public(self, completion_tokens: int) -> dict[str, float | None]:
+        """`{ttft_ms, tokens_per_s}` as `done` events report them."""
+        first, started, ended = self.first, self.started, self.ended
+        ttft = round((first - started) * 1000, 1) if first and started else None
+        rate = None
+        if first and ended and completion_tokens > 1 and ended > first:
+            rate = round((completion_tokens - 1) / (ended - first), 2)
+        return {"ttft_ms": ttft, "tokens_per_s": rate}
+
+
+class StreamJob(ABC):
+    """One accepted request whose result streams. Subclasses say what is theirs; the runner does the rest."""
+
+    #: Names the job in logs and in the `scope` of its errors ("chat", "translate").
+    kind: str = ""
+
+    def __init__(self, key: str, admission_key: str, limit: int | None) -> None:
+        self.key = key  # what `stop` names: a chat id, a request id
+        self.admission_key = admission_key  # jobs with the same key take turns (a model id)
+        self.limit = limit  # how many of them run at once (None: no limit)
+        self.cancel = os_event()
+        self.timings = Timings()
+        self.result = StreamResult()
+
+    def announce(self, sink: Sink) -> None:
+        """The first event of the job (e.g. `chat_started`), before it waits for its turn."""
+
+    def on_queued(self, position: int, sink: Sink) -> None:
+        """The job waits behind `position - 1` others (sent again as the queue moves)."""
+
+    def prepare(self, sink: Sink) -> None:
+        """Green-side work after admission and before the lease (e.g. history, retrieval)."""
+
+    def claim(self) -> AbstractContextManager[Any]:
+        """The resource lease held while producing."""
+        return nullcontext()
+
+    @abstractmethod
+    def produce(self, emit: Callable[[Any], None]) -> None:
+        """The blocking work (an OS thread runs it): emit pieces as they come; fill `self.result`."""
+
+    @abstractmethod
+    def deliver(self, pieces: list[Any], sink: Sink) -> bool:
+        """Send produced pieces to the sink (green side); True when something visible went out."""
+
+    def flush(self, sink: Sink) -> bool:
+        """Send what `deliver` held back (e.g. a half-seen tag) once production ended or failed."""
+        return False
+
+    @abstractmethod
+    def finish(self, sink: Sink) -> None:
+        """Store and announce the outcome (`self.result`, `self.timings`): exactly one final event."""
+
+    @abstractmethod
+    def fail(self, error: SwitchboardError, sink: Sink) -> None:
+        """Store what was produced and report `error` to the sink: exactly one final event."""
+
+
+class JobRunner:
+    """Runs StreamJobs: one admission queue per model, stop by key, one code path for every kind."""
+
+    def __init__(self, admission: Admission | None = None) -> None:
+        self.admission = admission or Admission()
+        self.active: dict[tuple[str, str], StreamJob] = {}  # (kind, key) -> job; kinds never collide
+        self._lock = os_lock()
+
+    def register(self, job: StreamJob, busy: Callable[[], SwitchboardError]) -> None:
+        """Make `job` stoppable by its key; raises `busy()` when a job of its kind with that key runs."""
+        with self._lock:
+            if (job.kind, job.key) in self.active:
+                raise busy()
+            self.active[(job.kind, job.key)] = job
+
+    def forget(self, job: StreamJob) -> None:
+        """Drop a registered job that will not run (its request failed after registering)."""
+        with self._lock:
+            if self.active.get((job.kind, job.key)) is job:
+                del self.active[(job.kind, job.key)]
+
+    def is_running(self, kind: str, key: str) -> bool:
+        return (kind, key) in self.active
+
+    def get(self, kind: str, key: str) -> StreamJob | None:
+        return self.active.get((kind, key))
+
+    def stop(self, kind: str, key: str) -> bool:
+        """Ask the job of `kind` with `key` to end (within a token or two); True if one was running."""
+        job = self.active.get((kind, key))
+        if job is None:
+            return False
+        job.cancel.set()
+        log.info("event=job_stop kind=%s key=%s", kind, key)
+        return True
+
+    def run(self, job: StreamJob, sink: Sink) -> None:
+        """Run `job` to its end; its sink always gets exactly one final event (finish or fail)."""
+        try:
+            job.announce(sink)
+            admitted = self.admission.acquire(
+                job.admission_key, job.limit, job, job.cancel.is_set, lambda position: job.on_queued(position, sink)
+            )
+            try:
+                if admitted:
+                    job.prepare(sink)
+                    with job.claim():
+                        self._produce(job, sink)
+            finally:
+                if admitted:
+                    self.admission.release(job.admission_key, job.limit)
+            if job.cancel.is_set():
+                job.result.finish_reason = "cancelled"
+            job.finish(sink)
+        except Exception as exc:
+            if not isinstance(exc, SwitchboardError):
+                log.exception("event=job_crashed kind=%s key=%s", job.kind, job.key)
+            job.flush(sink)
+            job.fail(as_switchboard_error(exc, f"the {job.kind} job"), sink)
+        finally:
+            self.forget(job)
+
+    def _produce(self, job: StreamJob, sink: Sink) -> None:
+        timings = job.timings
+        timings.started = time.perf_counter()
+        try:
+            for batch in stream_blocking(job.produce, cancel=job.cancel, name=f"{job.kind}-{job.key[:8]}"):
+                if job.deliver(batch, sink) and timings.first is None:
+                    timings.first = time.perf_counter()
+            if job.flush(sink) and timings.first is None:
+                timings.first = time.perf_counter()
+        finally:
+            timings.ended = time.perf_counter()

@@ -1,0 +1,182 @@
+"""Declared shapes of what clients send: one pydantic model per payload, validated in one way.
+
+`parse(Model, data)` returns the model or raises BadRequest naming the first wrong field (`param`)
+and why, so every surface (Socket.IO, REST, /v1) reports a bad field the same way and no handler
+writes its own type checks. Types are strict (a "5" is not a number, true is not an integer).
+Top-level payloads ignore fields they do not know (clients may send more than a surface uses);
+`options` objects reject unknown keys, since a misspelt option would otherwise be silently lost.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from core.errors import BadRequest
+from core.types import ChatOptions, Message
+
+P = TypeVar("P", bound=BaseModel)
+
+
+class Payload(BaseModel):
+    """A client payload: strict types, unknown top-level fields ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class Options(BaseModel):
+    """An `options` object: strict types, unknown keys refused."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+def parse(model: type[P], data: Any, what: str = "payload", prefix: str = "") -> P:
+    """`data` validated as `model`, or BadRequest("<prefix><field>: <why>", param=<top-level field>)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        loc = [str(part) for part in first["loc"] if not _is_union_member(part)]
+        if not loc:
+            raise BadRequest(f"{what} must be a JSON object") from None
+        field = prefix + ".".join(loc)
+        if first["type"] == "extra_forbidden":
+            raise BadRequest(f"unknown field {field}", param=loc[0]) from None
+        raise BadRequest(f"{field}: {_reason(first)}", param=loc[0]) from None
+
+
+def _is_union_member(part: Any) -> bool:
+    """pydantic puts the tried member of a union into an error's location (`stop.str`); fields are snake_case."""
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool", "none") or "[" in part or part[:1].isupper()
+    )
+
+
+def _reason(error: dict[str, Any]) -> str:
+    message = str(error.get("msg") or "invalid value")
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return message[:1].lower() + message[1:]
+
+
+# -- chat ------------------------------------------------------------------------------------------------
+class OptionsPayload(Options):
+    """Sampling options of a chat request (docs/protocol.md)."""
+
+    max_new_tokens: int | None = Field(None, ge=1, le=32768)
+    max_tokens: int | None = Field(None, ge=1, le=32768, description="the same as max_new_tokens")
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > 4 or not all(stops):
+            raise ValueError("must be a non-empty string or a list of up to 4 non-empty strings")
+        return stops
+
+    def to_options(self, defaults: ChatOptions) -> ChatOptions:
+        """These options over `defaults` (the server's settings)."""
+        max_new = self.max_new_tokens if self.max_new_tokens is not None else self.max_tokens
+        return ChatOptions(
+            max_new_tokens=max_new if max_new is not None else defaults.max_new_tokens,
+            temperature=self.temperature if self.temperature is not None else defaults.temperature,
+            top_p=self.top_p if self.top_p is not None else defaults.top_p,
+            stop=list(self.stop) if self.stop is not None else list(defaults.stop),  # type: ignore[arg-type]
+        )
+
+
+def chat_options(raw: Any, defaults: ChatOptions) -> ChatOptions:
+    """A client's `options` (absent: the defaults) as ChatOptions; BadRequest("options.<field>: ...")."""
+    if raw is None:
+        return ChatOptions(defaults.max_new_tokens, defaults.temperature, defaults.top_p, list(defaults.stop))
+    return parse(OptionsPayload, raw, "options", prefix="options.").to_options(defaults)
+
+
+class ChatRequest(Payload):
+    """The `chat` event and POST /api/chat: one user message for a stored chat."""
+
+    model: str = Field(min_length=1)
+    content: str
+    chat_id: str | None = None
+    knowledge: bool | str = False
+    options: dict[str, Any] | None = None
+
+
+# -- the OpenAI-compatible API -----------------------------------------------------------------------------
+class TextPart(Payload):
+    type: str
+    text: str | None = None
+
+
+class ChatMessagePayload(Payload):
+    """One message of a /v1 request: content is a string or a list of content parts (text ones kept)."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def to_message(self) -> Message:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text or "" for part in content if part.type == "text")
+        return Message("system" if self.role == "developer" else self.role, content or "")
+
+
+class StreamOptions(Payload):
+    include_usage: bool = False
+
+
+class CompletionRequest(Payload):
+    """POST /v1/chat/completions: the fields Switchboard uses (others are accepted and ignored)."""
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessagePayload] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] | None = None
+    max_tokens: int | None = Field(None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None and (len(stops) > 4 or not all(stops)):
+            raise ValueError("must be a non-empty string or a list of up to 4 non-empty strings")
+        return value
+
+    def to_options(self, defaults: ChatOptions) -> ChatOptions:
+        max_new = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        payload = OptionsPayload(max_new_tokens=max_new, temperature=self.temperature, top_p=self.top_p, stop=self.stop)
+        return payload.to_options(defaults)
+
+
+# -- translation, models, resources --------------------------------------------------------------------------
+class TranslateRequest(Payload):
+    """The `translate` event and POST /api/translate."""
+
+    text: str
+    target: str | None = None
+    source: str | None = None
+    model: str | None = Field(None, min_length=1)
+    request_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class ModelRequest(Payload):
+    """Download, cancel: `{model: "org/name"}` (or `local:org/name`)."""
+
+    model: str
+
+
+class EngineRequest(Payload):
+    """POST /api/resources/load|unload: `{engine: role | engine key | "all"}`."""
+
+    engine: str = Field(min_length=1)

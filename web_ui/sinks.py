@@ -1,0 +1,91 @@
+"""Where a job's events go on each surface: one Socket.IO client, a queue an HTTP response reads, a collector.
+
+A sink gets ordinary events as `(event, payload)` and a failure as the typed error plus what it
+belongs to (`Failure`); the surface renders that with its renderer from web_ui.errors.
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import SwitchboardError
+from web_ui.errors import socket_error
+from web_ui.extensions import socketio
+
+ENDINGS = ("done", "error", "translation_done")
+
+
+@dataclass
+class Failure:
+    """A job's final error and what it belongs to ({scope, chat_id, ...})."""
+
+    error: SwitchboardError
+    about: dict = field(default_factory=dict)
+
+    def socket_payload(self) -> dict[str, Any]:
+        about = dict(self.about)
+        return socket_error(self.error, about.pop("scope", "request"), **about)
+
+
+class SocketSink:
+    """Sends one job's events to the Socket.IO client that asked (its session id)."""
+
+    def __init__(self, sid: str) -> None:
+        self.sid = sid
+
+    def emit(self, event: str, payload: dict) -> None:
+        socketio.emit(event, payload, to=self.sid)
+
+    def fail(self, error: SwitchboardError, about: dict) -> None:
+        socketio.emit("error", Failure(error, about).socket_payload(), to=self.sid)
+
+
+class QueueSink:
+    """Queues (event, payload) for the green thread that writes an HTTP response; a failure's payload
+    is a `Failure`."""
+
+    def __init__(self) -> None:
+        # The app's own queue: under eventlet both sides are green threads of the hub.
+        self.events: queue.Queue = queue.Queue()
+
+    def emit(self, event: str, payload: dict) -> None:
+        self.events.put((event, payload))
+
+    def fail(self, error: SwitchboardError, about: dict) -> None:
+        self.events.put(("error", Failure(error, about)))
+
+    def get(self, timeout: float) -> tuple[str, Any] | None:
+        """The next event, or None after `timeout` seconds without one."""
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+class Collector:
+    """Keeps a whole answer in memory (the non-streaming responses)."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.citations: list[dict] | None = None
+        self.started: dict = {}
+        self.done: dict | None = None
+        self.failure: Failure | None = None
+
+    def emit(self, event: str, payload: dict) -> None:
+        if event == "delta":
+            self.content.append(payload.get("content", ""))
+        elif event == "reasoning":
+            self.reasoning.append(payload.get("content", ""))
+        elif event == "citations":
+            self.citations = payload.get("sources")
+        elif event == "chat_started":
+            self.started = payload
+        elif event == "done":
+            self.done = payload
+
+    def fail(self, error: SwitchboardError, about: dict) -> None:
+        self.failure = Failure(error, about)
