@@ -30,27 +30,7 @@
   ].join("\n");
   document.head.appendChild(Object.assign(document.createElement("style"), { textContent: CSS }));
 
-  function el(tag, className, text, props) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return props ? Object.assign(node, props) : node;
-  }
-  function bytes(n) {                       // decimal units, as the CLI prints them
-    n = Number(n) || 0;
-    if (n >= 1e9) return (n / 1e9).toFixed(2) + " GB";
-    if (n >= 1e6) return (n / 1e6).toFixed(1) + " MB";
-    if (n >= 1e3) return Math.round(n / 1e3) + " kB";
-    return n + " B";
-  }
-  function duration(s) {
-    if (typeof s !== "number" || !isFinite(s)) return "";
-    s = Math.round(s);
-    if (s < 60) return s + " s";
-    const m = Math.floor(s / 60);
-    return m < 60 ? m + " min " + (s % 60) + " s" : Math.floor(m / 60) + " h " + (m % 60) + " min";
-  }
-  const errorText = (e) => ((e && e.code) || "error") + ": " + ((e && e.message) || "something went wrong");
+  const { el, bytes, duration, errorText } = window.SwitchboardUI;   // static/ui.js
 
   const body = SB.addPanel("models-panel", "Models");
   const head = el("div", "mdl-head");
@@ -181,10 +161,7 @@
   }
 
   // REST rather than the socket events: a refusal (bad name) answers this request only, as an exception.
-  function post(path, model) {
-    return SB.api(path, { method: "POST", headers: { "Content-Type": "application/json" },
-                          body: JSON.stringify({ model: model }) });
-  }
+  const post = (path, model) => SB.postJSON(path, { model: model });
   function startDownload(model, onRefused) {
     delete errors[model];
     return post("/api/models/download", model).then(load).catch((e) => {
