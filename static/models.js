@@ -10,27 +10,7 @@
   if (!SB) return;
   const socket = SB.socket;
 
-  const CSS = [
-    ".mdl-head { display: flex; justify-content: space-between; align-items: center; gap: 6px; font-size: 0.8rem; color: var(--muted); }",
-    ".mdl-list { list-style: none; margin: 6px 0; padding: 0; }",
-    ".mdl-row { padding: 6px 0; border-bottom: 1px solid var(--border); font-size: 0.85rem; }",
-    ".mdl-top { display: flex; gap: 6px; align-items: baseline; justify-content: space-between; }",
-    ".mdl-name { font-weight: 600; overflow-wrap: anywhere; }",
-    ".mdl-status { white-space: nowrap; }",
-    ".mdl-status.st-ready { color: var(--ok); }",
-    ".mdl-status.st-error { color: var(--error-text); }",
-    ".mdl-info, .mdl-rate { font-size: 0.78rem; color: var(--muted); overflow-wrap: anywhere; }",
-    ".mdl-error { font-size: 0.78rem; color: var(--error-text); overflow-wrap: anywhere; }",
-    ".mdl-bar { width: 100%; height: 8px; }",
-    ".mdl-actions { display: flex; gap: 6px; margin-top: 4px; }",
-    ".mdl-actions button { padding: 1px 8px; font-size: 0.8rem; }",
-    ".mdl-empty { font-size: 0.8rem; color: var(--muted); }",
-    ".mdl-form { display: flex; gap: 6px; margin-top: 6px; }",
-    ".mdl-form input { flex: 1; min-width: 0; font: inherit; font-size: 0.85rem; }",
-  ].join("\n");
-  document.head.appendChild(Object.assign(document.createElement("style"), { textContent: CSS }));
-
-  const { el, bytes, duration, errorText } = window.SwitchboardUI;   // static/ui.js
+  const { el, bytes, duration, errorText } = window.SwitchboardUI;   // static/ui.js; styles in static/models.css
 
   const body = SB.addPanel("models-panel", "Models");
   const head = el("div", "mdl-head");

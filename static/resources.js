@@ -6,7 +6,7 @@
   const SB = window.Switchboard;
   if (!SB) return;
 
-  const { el, bytes } = window.SwitchboardUI;   // static/ui.js
+  const { el, bytes } = window.SwitchboardUI;   // static/ui.js; styles in static/resources.css
 
   function ago(ts) {
     if (!ts) return "never";
