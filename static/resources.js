@@ -6,7 +6,7 @@
   const SB = window.Switchboard;
   if (!SB) return;
 
-  const { el, bytes } = window.SwitchboardUI;   // static/ui.js; styles in static/resources.css
+  const { el, bytes, memoryChange } = window.SwitchboardUI;   // static/ui.js; styles in static/resources.css
 
   function ago(ts) {
     if (!ts) return "never";
@@ -43,10 +43,14 @@
     ollama.textContent = loaded.length
       ? "Ollama holds: " + loaded.map((m) => m.name + " (" + bytes(m.size_vram || m.size) + " " + m.device + ")").join(", ")
       : "Ollama holds nothing";
+    // The *_freed figures are before − after across the whole switch (unloads and the new load), so
+    // loading a model usually makes them negative: memoryChange says "grew by" rather than "freed -…".
     const s = status.last_switch;
+    const changes = s ? [memoryChange("RAM", s.rss_freed)] : [];
+    if (s && (s.gpu_freed || (dev.gpus || []).length)) changes.push(memoryChange("GPU memory", s.gpu_freed));
     lastSwitch.textContent = s
-      ? "last switch: " + (s.from || "—") + " → " + s.to + " in " + s.took_ms + " ms; freed RAM " + bytes(s.rss_freed) +
-        (s.gpu_freed ? ", GPU " + bytes(s.gpu_freed) : "") + (s.unloaded.length ? " (unloaded " + s.unloaded.join(", ") + ")" : "")
+      ? "last switch: " + (s.from || "—") + " → " + s.to + " in " + s.took_ms + " ms; " + changes.join(", ") +
+        (s.unloaded.length ? " (unloaded " + s.unloaded.join(", ") + ")" : "")
       : "no switch yet";
   }
 

@@ -23,6 +23,14 @@
     return n + " B";
   }
 
+  /** How a measured memory change reads: `freed` is before − after, so it is negative when memory grew.
+   * Under 1 MB either way is allocator noise on a switch, and is called unchanged. */
+  function memoryChange(what, freed) {
+    const n = Number(freed) || 0;
+    if (Math.abs(n) < 1e6) return what + " unchanged";
+    return n > 0 ? "freed " + what + " " + bytes(n) : what + " grew by " + bytes(-n);
+  }
+
   /** Seconds as "42 s", "3 min 5 s" or "1 h 12 min"; "" for a missing value. */
   function duration(s) {
     if (typeof s !== "number" || !isFinite(s)) return "";
@@ -44,5 +52,5 @@
     return ((e && e.code) || "error") + ": " + ((e && e.message) || "something went wrong");
   }
 
-  window.SwitchboardUI = { el, bytes, duration, formatTime, errorText };
+  window.SwitchboardUI = { el, bytes, memoryChange, duration, formatTime, errorText };
 })();
