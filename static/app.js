@@ -5,19 +5,8 @@
 (function () {
   "use strict";
 
-  // ---------- small helpers ----------
+  const { el, formatTime, errorText } = window.SwitchboardUI;   // static/ui.js, loaded first
   const $ = (sel) => document.querySelector(sel);
-  function el(tag, className, text, props) {   // props: DOM properties such as {type, title, value}
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return props ? Object.assign(node, props) : node;
-  }
-  function formatTime(value) {
-    if (value === undefined || value === null || value === "") return "";
-    const date = typeof value === "number" ? new Date(value < 1e12 ? value * 1000 : value) : new Date(value);
-    return isNaN(date) ? "" : date.toLocaleString(undefined, { dateStyle: "short", timeStyle: "short" });
-  }
 
   const MODEL_KEY = "switchboard.model";
   const BADGES = ["cancelled", "incomplete", "error"];
@@ -63,6 +52,8 @@
     }
     return body;
   }
+  const postJSON = (path, body) => api(path, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
 
   // ---------- markdown: always sanitised; message HTML is never injected raw ----------
   // Model output may not restyle the page or make the browser fetch anything (tracking,
@@ -112,9 +103,7 @@
   }
   function reasoningNode(text) {             // the model's thinking: collapsed, plain text (never HTML)
     const box = el("details", "reasoning");
-    const body = el("div", "reasoning-text", text);
-    body.style.whiteSpace = "pre-wrap";
-    box.append(el("summary", null, "Reasoning"), body);
+    box.append(el("summary", null, "Reasoning"), el("div", "reasoning-text", text));   // .reasoning-text keeps line breaks
     return box;
   }
   function setBadge(node, status) {
@@ -133,7 +122,7 @@
   const divider = () => el("div", "divider", "context cleared");
 
   function showError(err) {                  // inline, in the conversation; text is "code: message"
-    const node = el("div", "error", ((err && err.code) || "error") + ": " + ((err && err.message) || "Something went wrong."));
+    const node = el("div", "error", errorText(err));
     node.setAttribute("role", "alert");
     append(node);
     scrollDown();
@@ -460,7 +449,7 @@
 
   // ---------- extension points for later features ----------
   window.Switchboard = {
-    socket: socket, state: state, api: api, renderMarkdown: renderMarkdown,
+    socket: socket, state: state, api: api, postJSON: postJSON, renderMarkdown: renderMarkdown,
     openChat: openChat, newChat: newChat, loadChats: loadChats, refreshModels: refreshModels,
     /** Registers fn(payload), called with each chat payload before it is sent (may add fields). */
     onChatPayload(fn) { payloadHooks.push(fn); },

@@ -10,18 +10,7 @@
   if (!SB) return;
   const socket = SB.socket;
 
-  function el(tag, className, text, props) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return props ? Object.assign(node, props) : node;
-  }
-  function errorText(e) { return ((e && e.code) || "error") + ": " + ((e && e.message) || "something went wrong"); }
-  function formatBytes(n) {
-    if (n >= 1048576) return (n / 1048576).toFixed(1) + " MB";
-    if (n >= 1024) return Math.round(n / 1024) + " kB";
-    return n + " B";
-  }
+  const { el, bytes, errorText } = window.SwitchboardUI;   // static/ui.js
 
   // ---------- "use knowledge" checkbox ----------
   const KEY = "switchboard.knowledge";
@@ -122,7 +111,7 @@
       r.info.textContent = total ? "indexing " + done + "/" + total + " chunks" : "reading…";
     } else {
       r.bar.hidden = true;
-      if (doc && status === "ready") r.info.textContent = doc.chunks + " chunks · " + formatBytes(doc.size_bytes);
+      if (doc && status === "ready") r.info.textContent = doc.chunks + " chunks · " + bytes(doc.size_bytes);
     }
   }
   async function loadDocs() {

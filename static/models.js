@@ -10,47 +10,7 @@
   if (!SB) return;
   const socket = SB.socket;
 
-  const CSS = [
-    ".mdl-head { display: flex; justify-content: space-between; align-items: center; gap: 6px; font-size: 0.8rem; color: var(--muted); }",
-    ".mdl-list { list-style: none; margin: 6px 0; padding: 0; }",
-    ".mdl-row { padding: 6px 0; border-bottom: 1px solid var(--border); font-size: 0.85rem; }",
-    ".mdl-top { display: flex; gap: 6px; align-items: baseline; justify-content: space-between; }",
-    ".mdl-name { font-weight: 600; overflow-wrap: anywhere; }",
-    ".mdl-status { white-space: nowrap; }",
-    ".mdl-status.st-ready { color: var(--ok); }",
-    ".mdl-status.st-error { color: var(--error-text); }",
-    ".mdl-info, .mdl-rate { font-size: 0.78rem; color: var(--muted); overflow-wrap: anywhere; }",
-    ".mdl-error { font-size: 0.78rem; color: var(--error-text); overflow-wrap: anywhere; }",
-    ".mdl-bar { width: 100%; height: 8px; }",
-    ".mdl-actions { display: flex; gap: 6px; margin-top: 4px; }",
-    ".mdl-actions button { padding: 1px 8px; font-size: 0.8rem; }",
-    ".mdl-empty { font-size: 0.8rem; color: var(--muted); }",
-    ".mdl-form { display: flex; gap: 6px; margin-top: 6px; }",
-    ".mdl-form input { flex: 1; min-width: 0; font: inherit; font-size: 0.85rem; }",
-  ].join("\n");
-  document.head.appendChild(Object.assign(document.createElement("style"), { textContent: CSS }));
-
-  function el(tag, className, text, props) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return props ? Object.assign(node, props) : node;
-  }
-  function bytes(n) {                       // decimal units, as the CLI prints them
-    n = Number(n) || 0;
-    if (n >= 1e9) return (n / 1e9).toFixed(2) + " GB";
-    if (n >= 1e6) return (n / 1e6).toFixed(1) + " MB";
-    if (n >= 1e3) return Math.round(n / 1e3) + " kB";
-    return n + " B";
-  }
-  function duration(s) {
-    if (typeof s !== "number" || !isFinite(s)) return "";
-    s = Math.round(s);
-    if (s < 60) return s + " s";
-    const m = Math.floor(s / 60);
-    return m < 60 ? m + " min " + (s % 60) + " s" : Math.floor(m / 60) + " h " + (m % 60) + " min";
-  }
-  const errorText = (e) => ((e && e.code) || "error") + ": " + ((e && e.message) || "something went wrong");
+  const { el, bytes, duration, errorText } = window.SwitchboardUI;   // static/ui.js; styles in static/models.css
 
   const body = SB.addPanel("models-panel", "Models");
   const head = el("div", "mdl-head");
@@ -181,10 +141,7 @@
   }
 
   // REST rather than the socket events: a refusal (bad name) answers this request only, as an exception.
-  function post(path, model) {
-    return SB.api(path, { method: "POST", headers: { "Content-Type": "application/json" },
-                          body: JSON.stringify({ model: model }) });
-  }
+  const post = (path, model) => SB.postJSON(path, { model: model });
   function startDownload(model, onRefused) {
     delete errors[model];
     return post("/api/models/download", model).then(load).catch((e) => {
