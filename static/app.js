@@ -406,20 +406,25 @@
     }
     loadChats();
   });
+  // Every `error` says what it belongs to (`scope`, docs/protocol.md): this script shows the chat's and
+  // the model list's; translation and download errors belong to their panels.
+  const CHAT_SCOPES = ["chat", "stop", "reset", "list_models", "select_model"];
   socket.on("error", (d) => {
     d = d || {};
-    if (d.request_id) return;                 // a translation's error: the translate box shows it
-    if (d.model && !d.chat_id) return;        // a download's error: the models panel shows it
+    if (!CHAT_SCOPES.includes(d.scope)) return;
+    if (d.scope === "list_models") refreshDone();
     const s = state.stream;
-    // Does this error end our stream? Before chat_started a request error may carry no chat_id.
-    const mine = !!s && (s.started ? d.chat_id === s.chatId || d.message_id === s.messageId
-                                   : !d.chat_id || !s.chatId || d.chat_id === s.chatId);
+    // Only a `chat` error can end our answer: after chat_started the one with its chat id; before it,
+    // the refusal of our request (it names our chat, or no chat when we asked for a new one).
+    const mine = d.scope === "chat" && !!s && (s.started ? d.chat_id === s.chatId || d.message_id === s.messageId
+                                                         : !d.chat_id || d.chat_id === s.chatId);
     if (mine) {
       if (s.bubble) setBadge(s.bubble, "incomplete");
       endStream();
     }
-    if ((mine && s.chatId === state.chatId) || !d.chat_id || d.chat_id === state.chatId) showError(d);
-    if (d.chat_id) loadChats();
+    const elsewhere = d.scope === "chat" && !mine && d.chat_id && d.chat_id !== state.chatId;
+    if (!elsewhere) showError(d);
+    if (d.scope === "chat" && d.chat_id) loadChats();
   });
   socket.on("reset_ok", (d) => {
     if (d.chat_id !== state.chatId) return;

@@ -224,8 +224,8 @@
     output.textContent = d.text;
     endTranslation(d.finish_reason + (d.model ? " · " + d.model : ""));
   });
-  socket.on("error", (d) => {
-    if (!d || !d.request_id || d.request_id !== current) return;
+  socket.on("error", (d) => {                 // errors of our translation (by `scope`, docs/protocol.md)
+    if (!d || (d.scope !== "translate" && d.scope !== "translate_stop") || !d.request_id || d.request_id !== current) return;
     endTranslation(errorText(d));
     trStatus.classList.add("kb-error");
   });

@@ -175,8 +175,9 @@
   });
   socket.on("download_done", (d) => { if (d && d.model) { delete errors[d.model]; load(); } });
   socket.on("model_deleted", () => load());
-  socket.on("error", (e) => {                 // only download errors carry `model` without a chat
-    if (!e || !e.model || e.chat_id) return;
+  const DOWNLOAD_SCOPES = ["download", "download_model", "cancel_download"];
+  socket.on("error", (e) => {                 // errors of downloads (by `scope`, docs/protocol.md)
+    if (!e || !DOWNLOAD_SCOPES.includes(e.scope) || !e.model) return;
     errors[e.model] = e;
     const entry = rows.get(e.model);
     if (entry) showRowError(entry, e);

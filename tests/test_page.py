@@ -116,3 +116,26 @@ def test_chat_models_and_resources_panels_render_with_honest_switch_wording(open
     assert not re.search(r"freed [A-Za-z ]+ -", wording), wording
     assert re.search(r"process \d+(\.\d)? MB", page.inner_text("#resources-panel .res-summary"))
     assert page.errors == []
+
+
+def test_an_error_of_another_scope_does_not_end_the_answer_streaming(open_page):
+    """A failed select_model (or a download's error) arrives while an answer streams: the page shows it,
+    and the answer goes on to its end, because every error says what it belongs to."""
+    page = open_page(1280, 800)
+    page.select_option("#model-select", BUNDLED_ID)
+    page.evaluate("window.__errors = []; Switchboard.socket.on('error', (d) => window.__errors.push(d))")
+    send(page, "Write a long story about a lighthouse keeper and her cat.")
+    page.wait_for_selector(".message.assistant.streaming")
+    page.evaluate("Switchboard.socket.emit('select_model', {model: 'nowhere:no-such-model'})")
+    page.evaluate("Switchboard.socket.emit('download_model', {model: 'not a repo'})")
+    page.wait_for_function("window.__errors.length >= 2", timeout=15000)
+    scopes = sorted(e["scope"] for e in page.evaluate("window.__errors"))
+    assert scopes == ["download_model", "select_model"], scopes
+    assert page.locator(".message.assistant.streaming").count() == 1, "the answer is still streaming"
+    assert "model_not_found" in page.inner_text("#messages .error")
+    page.click("#stop")
+    wait_idle(page)
+    last = page.locator(".message.assistant").last
+    assert "incomplete" not in last.inner_text(), "the answer was ended by an unrelated error"
+    assert last.locator(".meta").count() == 1, "the answer ended with its own done event"
+    assert page.errors == []
