@@ -232,3 +232,27 @@ def test_the_models_panel_downloads_cancels_resumes_and_deletes(srv, hub):
             browser.close()
     finally:
         hub.reset()
+
+
+@pytest.mark.slow
+def test_every_page_hears_when_the_bundled_model_is_ready(tmp_path: Path):
+    """On a first start the dropdown says "preparing"; when the conversion ends every client gets a fresh
+    `models` payload, so the page does not keep saying it until a reload."""
+    from tests.helpers import BUNDLED_ID
+
+    with ServerProcess(tmp_path / "data", tmp_path / "fresh-models") as srv:
+        client = EventClient(srv.url)
+        try:
+            client.emit("list_models", {})
+
+            def bundled(payload: dict) -> dict:
+                return next(m for g in payload["groups"] for m in g["models"] if m["id"] == BUNDLED_ID)
+
+            _, _, _, first = client.wait_event("models", timeout=30)
+            assert (bundled(first)["reason"] or "").startswith("preparing"), bundled(first)
+            _, _, _, ready = client.wait_for(
+                lambda name, data: name == "models" and bundled(data)["reason"] is None, timeout=300
+            )
+            assert bundled(ready)["available"] and bundled(ready)["details"]["status"] == "ready"
+        finally:
+            client.close()

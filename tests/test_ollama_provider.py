@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 import threading
 import time
@@ -132,6 +133,26 @@ def test_down_then_up_after_refresh():
         assert not provider.list_models().available  # still the cached answer
         group = provider.list_models(refresh=True)
         assert group.available and [m.id for m in group.models] == ["ollama:llama3:8b"]
+    finally:
+        proc.stop()
+
+
+def test_an_absent_ollama_is_logged_once_not_at_every_poll(caplog):
+    """The resource panel polls what Ollama holds; with no Ollama that is one log line, and one when it returns."""
+    port = free_port()
+    provider = make_provider(f"http://127.0.0.1:{port}", connect_timeout=1.0)
+    caplog.set_level(logging.INFO, logger="core.providers.ollama")
+    for _ in range(5):
+        assert provider.loaded_models() == []
+        provider.list_models(refresh=True)
+    lines = [r.getMessage() for r in caplog.records if "event=ollama_" in r.getMessage()]
+    assert len([m for m in lines if "event=ollama_unavailable" in m]) == 1, lines
+    proc = OllamaProcess.spawn(port=port, models=["llama3:8b"])
+    try:
+        for _ in range(3):
+            assert provider.loaded_models() == []
+        lines = [r.getMessage() for r in caplog.records if "event=ollama_" in r.getMessage()]
+        assert len([m for m in lines if "event=ollama_available" in m]) == 1, lines
     finally:
         proc.stop()
 

@@ -115,16 +115,16 @@ class OllamaProvider(Provider):
     def _timeouts(self) -> tuple[float, float]:
         return (float(self.settings.connect_timeout), float(self.settings.idle_timeout))
 
-    def _note_state(self, problem: str | None) -> None:
-        """Log Ollama going away or coming back once, not at every status poll."""
-        state = problem or "up"
+    def _note_state(self, problem: SwitchboardError | None) -> None:
+        """Log Ollama going away (by error code) or coming back once, not at every status poll."""
+        state = problem.code if problem is not None else "up"
         if state == self._last_state:
             return
         self._last_state = state
         if problem is None:
             log.info("event=ollama_available host=%s", self.host)
         else:
-            log.info("event=ollama_unavailable host=%s reason=%s", self.host, problem)
+            log.info("event=ollama_unavailable host=%s code=%s reason=%s", self.host, problem.code, problem.message)
 
     def _unreachable(self) -> ProviderUnreachable:
         return ProviderUnreachable(f"Ollama not reachable at {self.host} — is `ollama serve` running?")
@@ -179,12 +179,15 @@ class OllamaProvider(Provider):
             resp = self._request("GET", "/api/tags")
             self._raise_for_status(resp)
             entries = resp.json().get("models") or []
-        except ProviderUnreachable:
+        except ProviderUnreachable as exc:
+            problem: SwitchboardError = exc
             group.available, group.reason = False, f"Ollama not reachable at {self.host}"
         except SwitchboardError as exc:
+            problem = exc
             group.available, group.reason = False, exc.message
         except (ValueError, AttributeError):
-            group.available, group.reason = False, f"Ollama at {self.host} sent an unreadable model list"
+            problem = ProviderError(f"Ollama at {self.host} sent an unreadable model list")
+            group.available, group.reason = False, problem.message
         else:
             group.models = sorted(
                 (self._model_info(e) for e in entries if isinstance(e, dict) and e.get("name")), key=lambda m: m.name
@@ -192,7 +195,7 @@ class OllamaProvider(Provider):
             log.debug("event=ollama_discovered models=%d host=%s", len(group.models), self.host)
             self._note_state(None)
             return group
-        self._note_state(group.reason)
+        self._note_state(problem)
         return group
 
     def _model_info(self, entry: dict) -> ModelInfo:
@@ -360,7 +363,7 @@ class OllamaProvider(Provider):
         try:
             models = self._ps()
         except SwitchboardError as exc:
-            self._note_state(exc.message)
+            self._note_state(exc)
             return []
         self._note_state(None)
         out = []
