@@ -23,6 +23,7 @@ pytest_plugins = ["tests.peers.hub_fixtures"]  # tiny_model
 
 SHARED, SLOW, PAGE = "test-org/tiny-shared", "test-org/tiny-slow", "test-org/tiny-page"
 GATED, FLAKY, FULL = "test-org/tiny-gated", "test-org/tiny-flaky", "test-org/tiny-full"
+TOGETHER = ("test-org/together-a", "test-org/together-b", "test-org/together-c")
 MODEL_EVENTS = (*EVENTS, "download_progress", "download_done", "model_deleted")
 NEEDED = (
     "config.json",
@@ -37,7 +38,7 @@ NEEDED = (
 @pytest.fixture(scope="module")
 def hub(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("hub")
-    for repo in (REPO, SHARED, SLOW, PAGE, GATED, FLAKY, FULL):
+    for repo in (REPO, SHARED, SLOW, PAGE, GATED, FLAKY, FULL, *TOGETHER):
         shutil.copytree(tiny_model, root / repo)
         # the generated tokenizer has no chat template; a real chat model ships one
         (root / repo / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
@@ -194,6 +195,26 @@ def test_unknown_repo_is_a_clear_error_to_every_page(srv, hub, clients):
         assert err["code"] == "model_not_found" and "not found" in err["message"]
     assert not (srv.model_dir / "test-org" / "does-not-exist").exists()
     assert post(srv, "/api/models/download", {}).status_code == 400
+
+
+def test_several_models_download_at_once(hub, tmp_path):
+    """Each download runs in its own OS thread; together they must not share a green lock (a fresh server,
+    so the hub client is created while they race)."""
+    env = {"SWITCHBOARD_HF_ENDPOINTS": hub.url, "SWITCHBOARD_PREPARE_BUNDLED": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    with ServerProcess(tmp_path / "data", tmp_path / "models", env=env) as server:
+        client = EventClient(server.url, MODEL_EVENTS)
+        try:
+            for repo in TOGETHER:
+                assert post(server, "/api/models/download", {"model": repo}).json()["state"] == "started"
+            for repo in TOGETHER:
+                _, _, name, end = client.wait_for(
+                    lambda n, d, repo=repo: n in ("download_done", "error") and d.get("model") == repo, timeout=30
+                )
+                assert name == "download_done", end
+            assert all(row(server, repo)["status"] == "ready" for repo in TOGETHER)
+        finally:
+            client.close()
+    assert "greenlet.error" not in server.log()
 
 
 def test_a_gated_model_without_a_token_is_auth_failed_for_every_page(srv, hub, clients):
