@@ -15,6 +15,7 @@ Model names (in POST /v1/chat/completions):
   stall-after-<s>         sends one chunk, then waits <s> seconds
   no-finish               streams two chunks and [DONE] without any finish_reason
   error-after-1           streams "Hello", then OpenAI's mid-stream error chunk `data: {"error": {...}}`
+  drop-before-first       sends the headers, then drops the connection (a server that dies before answering)
   o3-mini                 a reasoning model: 400 for max_tokens (unsupported_parameter) and for a
                           temperature or top_p other than 1 (unsupported_value); else like "ok"
   anything else           404 model_not_found, as OpenAI and vLLM answer (llama.cpp serves its one model)
@@ -26,6 +27,7 @@ GET /v1/models lists these names; GET /_test/log returns the requests seen ({"pa
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,8 +47,9 @@ MODELS = [
     "no-finish",
     "error-after-1",
     "o3-mini",
+    "drop-before-first",
 ]
-STREAMING = ("ok", "reject-stream-options", "no-finish", "error-after-1", "o3-mini")
+STREAMING = ("ok", "reject-stream-options", "no-finish", "error-after-1", "o3-mini", "drop-before-first")
 MID_STREAM_ERROR = "The server had an error while processing your request. Sorry about that!"
 
 
@@ -191,6 +194,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.wfile.flush()
+        if model == "drop-before-first":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if model.startswith("stall-first-"):
             self._sleep(float(model.rsplit("-", 1)[1]))
         self._chunk(self._delta(model, "Hello"))
