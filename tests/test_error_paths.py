@@ -35,7 +35,7 @@ NOT_DOWNLOADED = "local:Qwen/Qwen2.5-0.5B-Instruct"
 LONG_PROMPT = " ".join(f"w{i}" for i in range(40))  # past the model's 32 positions: fails before any token
 SHORT_PROMPT = "w1 w2 w3"  # fails once the answer reaches position 32
 ANSWER_OPTIONS = {"temperature": 0, "max_new_tokens": 60}
-PEER_MODELS = ["status-401", "error-after-1", "no-finish", "drop-before-first", "ok"]
+PEER_MODELS = ["status-401", "error-after-1", "no-finish", "drop-before-first", "o3-mini"]
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +181,15 @@ def test_rest_chat_failing_after_the_answer_started_keeps_the_partial_answer(ser
     unfinished = post_chat(server, model="peer:no-finish", content="hi")
     assert unfinished.status_code == 502 and unfinished.json()["error"]["code"] == "stream_interrupted"
     assert stored_answer(server, unfinished.json()["error"]["chat_id"])["content"] == "Hello world"
+
+
+def test_a_reasoning_model_that_refuses_max_tokens_and_temperature_still_answers(server, peer):
+    """Not an error on any surface: the provider sends what an OpenAI reasoning model takes."""
+    body = {"model": "peer:o3-mini", "content": "hi", "options": {"max_new_tokens": 40, "temperature": 0.7}}
+    plain = requests.post(server.url + "/api/chat", json=body, timeout=60)
+    assert plain.status_code == 200 and plain.json()["content"] == "Hello world", plain.text
+    accepted = [r["json"] for r in peer.httpd.requests if r["status"] == 200 and r["json"]["model"] == "o3-mini"]
+    assert accepted[-1]["max_completion_tokens"] == 40 and "temperature" not in accepted[-1]
 
 
 # -- /v1 statuses -----------------------------------------------------------------------------------
