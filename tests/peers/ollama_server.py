@@ -3,14 +3,15 @@
 A real HTTP server: NDJSON streaming over chunked transfer, model load state with keep_alive
 expiry, Ollama's error bodies, plus fault injection and a request log under /_test/.
 
-As strict as the real server where a client can get it wrong (server/routes.go, api/types.go):
+As strict as the real server where a client can get a request wrong (Ollama's chat handler and Options):
 a request body that does not decode into Ollama's types is a 400 with Go's decoder message (a
 message `content` that is not a string, `messages` that is not a list); an option of the wrong type
 is a 500 from `Options.FromMap` (`option "temperature" must be of type float32`); an embedding-only
 model (nomic-embed-text, all-minilm, ...) is listed like any other but answers a chat with 400
 `"<model>" does not support chat` (it can still be loaded by /api/embed and unloaded with
 keep_alive 0). /api/ps reports `size_vram` as `vram_fraction` of the size (1.0: all in GPU memory;
-0: a machine without a GPU; between: split between GPU and CPU).
+0: a machine without a GPU; between: split between GPU and CPU). Routes: /, /api/version, /api/tags,
+/api/ps, /api/chat, /api/generate, /api/show (details and capabilities) and /api/embed.
 
 Run as a process:  python tests/peers/ollama_server.py --port P [--models a,b]   (prints "READY <port>")
 Or in-thread:      server = FakeOllama(["llama3:8b"]).start(); ...; server.stop()
@@ -44,7 +45,7 @@ VERSION = "0.12.10"
 # Embedding-only models (capabilities ["embedding"]): their families, and names that mark them.
 EMBEDDING_FAMILIES = {"nomic-embed-text": "nomic-bert", "all-minilm": "bert", "mxbai-embed-large": "bert"}
 EMBEDDING_DIMENSION = 8
-# The kinds Options.FromMap (api/types.go) checks, for the options a client usually sends.
+# The kinds Ollama's Options.FromMap checks, for the options a client usually sends.
 OPTION_KINDS: dict[str, str] = {
     "num_keep": "integer",
     "seed": "integer",
