@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.helpers import BUNDLED_ID, GREEDY, EventClient
@@ -49,17 +47,16 @@ def test_bundled_model_answers_paris_and_deltas_join_to_stored_message(server, c
 
 
 def test_other_clients_are_served_while_one_streams(server, client):
+    """Another client's requests are answered while a long answer streams (the latency goal for this
+    is in benchmarks/; here each answer only has to come, within a generous bound)."""
     chat_id = chat(client, STORY, LONG)
     client.wait_event("delta", chat_id=chat_id, timeout=60)
     other = EventClient(server.url)
     try:
-        latencies = []
         for _ in range(5):
             start = len(other.events)
-            sent = time.monotonic()
             other.emit("list_models")
-            _, arrived, _, payload = other.wait_event("models", start=start, timeout=5)
-            latencies.append(arrived - sent)
+            _, _, _, payload = other.wait_event("models", start=start, timeout=10)
             assert any(g["key"] == "local" for g in payload["groups"])
         still_streaming = not client.of("done", chat_id)
     finally:
@@ -67,20 +64,32 @@ def test_other_clients_are_served_while_one_streams(server, client):
     client.emit("stop", {"chat_id": chat_id})
     client.wait_end(chat_id)
     assert still_streaming, "the long answer should still be streaming while list_models is answered"
-    assert max(latencies) < 0.2, latencies
 
 
-def test_stop_ends_stream_as_cancelled_and_keeps_partial_answer(server, client):
+def test_stop_ends_stream_within_a_token_or_two_as_cancelled_and_keeps_partial_answer(server, client, model_dir):
+    from transformers import AutoTokenizer
+
+    from core.models.catalog import BUNDLED_REPO
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / BUNDLED_REPO)  # to count what arrived, in tokens
     chat_id = chat(client, STORY, LONG)
     client.wait_for(lambda n, d: n == "delta" and d["chat_id"] == chat_id and len(client.of("delta", chat_id)) >= 5)
+    start = len(client.events)
     client.emit("stop", {"chat_id": chat_id})
+    # The server handles one client's events in order and `stop` does not yield: once this second
+    # request is answered, the first has been handled. What arrived by then was made before the stop.
+    client.emit("reset", {"chat_id": "not-a-chat"})
+    ack = client.wait_event("error", start=start, timeout=30, chat_id="not-a-chat")[0]
+    before = "".join(d["content"] for _, n, d in client.events[:ack] if n == "delta" and d["chat_id"] == chat_id)
     _, _, name, done = client.wait_end(chat_id, timeout=30)
     assert name == "done" and done["finish_reason"] == "cancelled"
-    assert done["usage"]["completion_tokens"] < LONG["max_new_tokens"]
+    made_after_stop = done["usage"]["completion_tokens"] - len(tokenizer(before, add_special_tokens=False).input_ids)
+    # A token or two after the stop, plus at most one already on its way and the end of a split word.
+    assert made_after_stop <= 4, (made_after_stop, done["usage"])
     partial = "".join(d["content"] for d in client.of("delta", chat_id))
     stored = server.get(f"/api/chats/{chat_id}").json()["messages"][-1]
     assert stored["status"] == "cancelled" and stored["finish_reason"] == "cancelled"
-    assert stored["content"] == partial and partial
+    assert stored["content"] == partial and partial.startswith(before) and before
 
 
 def test_second_request_is_queued_in_arrival_order(server, client):
@@ -152,9 +161,10 @@ def test_stop_and_reset_of_unknown_chat(client, event, payload):
     start = len(client.events)
     client.emit(event, payload)
     _, _, _, err = client.wait_event("error", start=start, timeout=10)
-    assert err["code"] in ("not_found", "bad_request")
     if isinstance(payload, dict):
         assert err["code"] == "not_found" and err["chat_id"] == "nope"
+    else:  # a payload that is not an object is a bad request (docs/protocol.md), not an unknown chat
+        assert err["code"] == "bad_request" and "chat_id" not in err, err
 
 
 def test_reset_starts_a_fresh_context_and_keeps_history(server, client):

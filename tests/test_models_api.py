@@ -1,9 +1,13 @@
 """The model manager through a real server: Socket.IO downloads with live progress, sharing, cancel,
-bad input, delete, and a chat with the model just downloaded (all against a loopback hub)."""
+bad input, delete, and a chat with the model just downloaded (all against a loopback hub); and the
+failures every page must hear of: a gated model without a token, a hub that keeps failing, a disk
+that fills up mid-download."""
 
 from __future__ import annotations
 
+import errno
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,6 +22,8 @@ from tests.peers.hub_server import HubServer  # noqa: E402
 pytest_plugins = ["tests.peers.hub_fixtures"]  # tiny_model
 
 SHARED, SLOW, PAGE = "test-org/tiny-shared", "test-org/tiny-slow", "test-org/tiny-page"
+GATED, FLAKY, FULL = "test-org/tiny-gated", "test-org/tiny-flaky", "test-org/tiny-full"
+TOGETHER = ("test-org/together-a", "test-org/together-b", "test-org/together-c")
 MODEL_EVENTS = (*EVENTS, "download_progress", "download_done", "model_deleted")
 NEEDED = (
     "config.json",
@@ -32,7 +38,7 @@ NEEDED = (
 @pytest.fixture(scope="module")
 def hub(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("hub")
-    for repo in (REPO, SHARED, SLOW, PAGE):
+    for repo in (REPO, SHARED, SLOW, PAGE, GATED, FLAKY, FULL, *TOGETHER):
         shutil.copytree(tiny_model, root / repo)
         # the generated tokenizer has no chat template; a real chat model ships one
         (root / repo / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
@@ -49,6 +55,8 @@ def srv(hub: HubServer, tmp_path_factory: pytest.TempPathFactory):
         "SWITCHBOARD_PREPARE_BUNDLED": "0",
         "SWITCHBOARD_DOWNLOAD_RETRY_DELAY": "0.05",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_TOKEN": "",  # no token, from the environment or a saved login
+        "HF_HOME": str(tmp_path_factory.mktemp("hf-home")),
     }
     models = tmp_path_factory.mktemp("models")  # not the shared test model cache
     with ServerProcess(tmp_path_factory.mktemp("data"), models, env=env) as proc:
@@ -101,7 +109,7 @@ def test_download_streams_progress_to_every_page_then_the_model_chats(srv, hub, 
         start = client.wait_event("download_done", model=REPO)[0]
         _, _, _, models = client.wait_for(lambda n, d: n == "models" and local_model(d, REPO), 15, start)
         assert local_model(models, REPO)["available"]
-    assert len([e for e in hub.requests("GET", "/resolve/") if e["path"].endswith(WEIGHTS)]) == 1
+    assert len([e for e in hub.transfers(WEIGHTS) if REPO in e["path"]]) == 1, "one copy of the weights"
     listed = row(srv, REPO)
     assert listed["status"] == "ready" and listed["size_bytes"] >= total and not listed["downloading"]
     assert listed["path"] == str(srv.model_dir / REPO)
@@ -133,8 +141,8 @@ def test_two_clients_share_one_download(srv, hub, clients):
     time.sleep(0.3)
     for client in (first, second):
         assert len([d for d in client.of("download_done") if d["model"] == SHARED]) == 1
-    weights = [e for e in hub.requests("GET", f"{SHARED}/resolve/") if e["path"].endswith(WEIGHTS)]
-    assert len(weights) == 1 and hub.bytes_served(f"{SHARED}/resolve/") < 1.1 * sum(
+    weights = [e for e in hub.transfers(WEIGHTS) if SHARED in e["path"]]
+    assert len(weights) == 1 and hub.bytes_served(SHARED) < 1.1 * sum(
         (hub.root / SHARED / name).stat().st_size for name in NEEDED
     )  # one copy of the bytes
 
@@ -145,8 +153,7 @@ def test_cancel_keeps_the_partial_and_delete_waits_for_the_download(srv, hub, cl
     started = post(srv, "/api/models/download", {"model": SLOW})
     assert started.status_code == 202 and started.json()["state"] == "started"
     watcher.wait_for(lambda n, d: n == "download_progress" and d["model"] == SLOW and d["bytes"] > 100_000, 15)
-    began = time.monotonic()  # the hub stays responsive while a download runs
-    assert srv.get("/healthz", timeout=2).ok and time.monotonic() - began < 0.5
+    assert srv.get("/healthz", timeout=5).ok  # the server answers while a download runs
     assert row(srv, SLOW)["downloading"] and row(srv, SLOW)["progress"]["bytes"] > 0
     busy = requests.delete(f"{srv.url}/api/cache/models/{SLOW}", timeout=10)
     assert busy.status_code == 409 and busy.json()["error"]["code"] == "busy"
@@ -189,15 +196,117 @@ def test_unknown_repo_is_a_clear_error_to_every_page(srv, hub, clients):
     assert post(srv, "/api/models/download", {}).status_code == 400
 
 
+def test_several_models_download_at_once(hub, tmp_path):
+    """Each download runs in its own OS thread; together they must not share a green lock (a fresh server,
+    so the hub client is created while they race)."""
+    env = {"SWITCHBOARD_HF_ENDPOINTS": hub.url, "SWITCHBOARD_PREPARE_BUNDLED": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    with ServerProcess(tmp_path / "data", tmp_path / "models", env=env) as server:
+        client = EventClient(server.url, MODEL_EVENTS)
+        try:
+            for repo in TOGETHER:
+                assert post(server, "/api/models/download", {"model": repo}).json()["state"] == "started"
+            for repo in TOGETHER:
+                _, _, name, end = client.wait_for(
+                    lambda n, d, repo=repo: n in ("download_done", "error") and d.get("model") == repo, timeout=30
+                )
+                assert name == "download_done", end
+            assert all(row(server, repo)["status"] == "ready" for repo in TOGETHER)
+        finally:
+            client.close()
+    assert "greenlet.error" not in server.log()
+
+
+def test_a_gated_model_without_a_token_is_auth_failed_for_every_page(srv, hub, clients):
+    hub.gated = {GATED: {"hf_someone_elses_token"}}
+    asker, watcher = clients(), clients()
+    asker.emit("download_model", {"model": GATED})
+    for client in (asker, watcher):
+        _, _, _, err = client.wait_event("error", timeout=15, model=GATED)
+        assert err["code"] == "auth_failed" and "gated" in err["message"] and "HF_TOKEN" in err["message"]
+    listed = row(srv, GATED)
+    assert listed["error"]["code"] == "auth_failed" and not listed["downloading"]
+
+
+def test_a_hub_that_keeps_failing_is_download_failed_for_every_page(srv, hub, clients):
+    hub.fail = {"status": 503, "match": FLAKY}
+    asker, watcher = clients(), clients()
+    answer = post(srv, "/api/models/download", {"model": FLAKY})
+    assert answer.status_code == 202 and answer.json()["state"] == "started"
+    for client in (asker, watcher):
+        _, _, _, err = client.wait_event("error", timeout=30, model=FLAKY)
+        assert err["code"] == "download_failed" and hub.url in err["message"] and "HTTP 503" in err["message"]
+    assert row(srv, FLAKY)["error"]["code"] == "download_failed"
+    assert len(hub.requests(contains=FLAKY)) == 3, "three tries at the one endpoint, then the error"
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A 6 MiB tmpfs: room for the tiny model, and a disk a test can fill up for real."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the disk-full test (the tests run as root): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk is full; returns it (delete it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+def test_a_disk_that_fills_up_mid_download_is_storage_error_and_the_download_resumes(hub, small_disk, tmp_path):
+    env = {"SWITCHBOARD_HF_ENDPOINTS": hub.url, "SWITCHBOARD_PREPARE_BUNDLED": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    hub.throttle = 300_000
+    with ServerProcess(tmp_path / "data", small_disk, env=env) as server:
+        client = EventClient(server.url, MODEL_EVENTS)
+        try:
+            assert post(server, "/api/models/download", {"model": FULL}).status_code == 202
+            client.wait_for(
+                lambda n, d: n == "download_progress" and d["model"] == FULL and d["file"] == WEIGHTS and d["bytes"],
+                timeout=30,
+            )
+            filler = fill(small_disk)
+            _, _, _, err = client.wait_event("error", timeout=30, model=FULL)
+            assert err["code"] == "storage_error" and "disk full" in err["message"] and "kept" in err["message"]
+            part = small_disk / FULL / ".partial" / f"{WEIGHTS}.part"
+            kept = part.stat().st_size
+            assert kept > 0, "the partial download is kept for a resume"
+            assert row(server, FULL)["error"]["code"] == "storage_error"
+
+            filler.unlink()
+            hub.throttle = None
+            start = len(client.events)
+            assert post(server, "/api/models/download", {"model": FULL}).status_code == 202
+            client.wait_event("download_done", timeout=30, start=start, model=FULL)
+            resumed = [e for e in hub.transfers(WEIGHTS) if FULL in e["path"]][-1]
+            assert resumed["range"] == f"bytes={kept}-" and resumed["status"] == 206
+            assert row(server, FULL)["status"] == "ready"
+        finally:
+            client.close()
+            hub.reset()
+
+
 @pytest.mark.browser
 def test_the_models_panel_downloads_cancels_resumes_and_deletes(srv, hub):
-    pytest.importorskip("playwright")
+    # A missing browser fails the suite, as in tests/test_browser.py: it must never pass unnoticed.
     from playwright.sync_api import sync_playwright
 
     from tests.test_browser import CHROMIUM, FLAGS
 
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Chromium is not installed")
+    if not shutil.which(CHROMIUM):
+        pytest.fail("Debian's chromium is not installed: run `make browser` (apt-get install chromium)")
     hub.throttle = 300_000
     row, option = f'#models-panel .mdl-row[data-model="{PAGE}"]', f'#model-select option[value="local:{PAGE}"]'
     try:

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from tests.helpers import BUNDLED_ID, ServerProcess
-from tests.peers.ollama_server import OllamaProcess
+from tests.peers.ollama_server import DEFAULT_MODELS, OllamaProcess
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 OLLAMA_ID = "ollama:llama3:8b"
@@ -20,7 +20,7 @@ FIRST_TOKEN_TIMEOUT = 2.0
 
 @pytest.fixture(scope="module")
 def ollama():
-    proc = OllamaProcess.spawn()
+    proc = OllamaProcess.spawn(models=[*DEFAULT_MODELS, "nomic-embed-text"])
     yield proc
     proc.stop()
 
@@ -172,6 +172,16 @@ def test_backend_failures_get_fitting_statuses(client, fake):
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.create(model=OLLAMA_ID, messages=FRANCE)
     assert caught.value.status_code == 504 and error_of(caught.value)["code"] == "timeout"
+
+
+def test_an_embedding_only_ollama_model_is_refused_with_ollamas_reason(client):
+    """Ollama lists embedding models beside chat models and answers a chat with one with a 400."""
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model="ollama:nomic-embed-text:latest", messages=FRANCE, stream=stream)
+        error = error_of(caught.value)
+        assert caught.value.status_code == 502 and error["code"] == "provider_error"
+        assert "does not support chat" in error["message"]
 
 
 def test_error_mid_stream_is_an_error_chunk(client, fake):

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 
 from llama_server import LlamaServer, ensure_llama_cpp_installed, free_port  # noqa: E402
-from openai_errors_server import ErrorsServer  # noqa: E402
+from openai_errors_server import MID_STREAM_ERROR, ErrorsServer  # noqa: E402
 
 from core.config import ConnectionConfig, Settings  # noqa: E402
 from core.errors import (  # noqa: E402
@@ -239,6 +239,79 @@ def test_stop_during_a_stall_returns_promptly(peer):
     started = time.monotonic()
     parts, result = run(p, "stall-after-5", cancel=cancel)
     assert parts == ["Hello"] and result.finish_reason == "cancelled" and time.monotonic() - started < 3
+
+
+def test_the_peer_refuses_what_openai_refuses(peer):
+    """The scripted peer is as strict as OpenAI about the request itself (tests/peers/openai_rules.py)."""
+    import requests
+
+    url = peer.base_url + "/chat/completions"
+    hi = [{"role": "user", "content": "hi"}]
+
+    def refused(**kw) -> dict:
+        response = requests.post(url, timeout=5, **kw)
+        assert response.status_code == 400, response.text
+        return response.json()["error"]
+
+    assert (
+        "could not parse the JSON body"
+        in refused(data=b"{oops", headers={"Content-Type": "application/json"})["message"]
+    )
+    assert refused(json={"model": "ok", "messages": hi, "colour": 1})["message"].endswith("supplied: colour")
+    assert refused(json={"model": "ok"})["param"] == "messages"
+    assert refused(json={"model": "ok", "messages": [{"role": "user", "content": 42}]})["code"] == "invalid_type"
+    assert refused(json={"model": "ok", "messages": hi, "temperature": 3})["code"] == "decimal_above_max_value"
+    assert refused(json={"model": "ok", "messages": hi, "max_tokens": 0})["code"] == "integer_below_min_value"
+    assert refused(json={"model": "ok", "messages": hi, "stop": list("abcde")})["param"] == "stop"
+    assert refused(json={"model": "ok", "messages": hi, "stream_options": {"include_usage": True}})["param"] == (
+        "stream_options"
+    )
+    reasoning = refused(json={"model": "o3-mini", "messages": hi, "max_tokens": 5})
+    assert (reasoning["param"], reasoning["code"]) == ("max_tokens", "unsupported_parameter")
+    assert "Use 'max_completion_tokens' instead" in reasoning["message"]
+    reasoning = refused(json={"model": "o3-mini", "messages": hi, "temperature": 0.7})
+    assert (reasoning["param"], reasoning["code"]) == ("temperature", "unsupported_value")
+
+
+def test_every_request_the_provider_sends_is_one_openai_accepts(peer):
+    p = provider(peer.base_url, env="NO_API_KEY")
+    options = ChatOptions(max_new_tokens=16, temperature=0.2, top_p=0.9, stop=["\n\n", "###"])
+    history = [Message("system", "Be brief."), Message("user", "hi"), Message("assistant", "hello"), QUESTION[0]]
+    parts, result = run(p, "ok", history, options)
+    assert "".join(parts) == "Hello world" and result.usage.completion_tokens == 2
+    sent = peer.httpd.requests[-1]
+    assert sent["status"] == 200, sent
+    assert (sent["json"]["max_tokens"], sent["json"]["stop"], sent["json"]["stream"]) == (16, ["\n\n", "###"], True)
+
+
+def test_an_error_chunk_mid_stream_is_a_provider_error_after_the_partial_answer(peer):
+    parts: list[str] = []
+    p = provider(peer.base_url, env="NO_API_KEY")
+    with pytest.raises(ProviderError) as caught:
+        for text in p.stream_chat(p.model_info("error-after-1"), QUESTION, GREEDY, threading.Event(), StreamResult()):
+            parts.append(text)
+    assert parts == ["Hello"]
+    assert MID_STREAM_ERROR in caught.value.message and "mid-answer" in caught.value.message
+
+
+def test_a_reasoning_model_gets_max_completion_tokens_and_its_default_sampling(peer):
+    """OpenAI's o-series refuse max_tokens and any temperature/top_p but 1: the provider adapts, once."""
+    p = provider(peer.base_url, env="NO_API_KEY")
+    before = len(peer.httpd.requests)
+    parts, result = run(p, "o3-mini", options=ChatOptions(max_new_tokens=32, temperature=0.7, top_p=0.95))
+    assert "".join(parts) == "Hello world" and result.finish_reason == "stop" and result.usage.completion_tokens == 2
+    sent = peer.httpd.requests[before:]
+    assert [r["status"] for r in sent] == [400, 400, 400, 200]
+    accepted = sent[-1]["json"]
+    assert accepted["max_completion_tokens"] == 32 and not {"max_tokens", "temperature", "top_p"} & set(accepted)
+    assert accepted["stream_options"] == {"include_usage": True}
+    # The model's rules are remembered: the next answer costs one request.
+    before = len(peer.httpd.requests)
+    assert "".join(run(p, "o3-mini")[0]) == "Hello world"
+    assert [r["status"] for r in peer.httpd.requests[before:]] == [200]
+    # An ordinary model of the same connection still gets max_tokens and its sampling.
+    run(p, "ok", options=ChatOptions(max_new_tokens=8, temperature=0.5, top_p=0.9))
+    assert {"max_tokens": 8, "temperature": 0.5, "top_p": 0.9}.items() <= peer.httpd.requests[-1]["json"].items()
 
 
 # -- secrets -------------------------------------------------------------------------------------

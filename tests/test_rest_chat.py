@@ -109,8 +109,10 @@ def test_rejected_requests_are_json_errors_and_store_nothing(server):
     bad_json = requests.post(
         server.url + "/api/chat", data="{oops", headers={"Content-Type": "application/json"}, timeout=10
     )
+    not_an_object = [requests.post(server.url + "/api/chat", json=body, timeout=10) for body in (["hi"], "hi", 3)]
     cases = [
         (bad_json, 400, "bad_request"),
+        *((response, 400, "bad_request") for response in not_an_object),
         (post_chat(server, model=BUNDLED_ID, content="   "), 400, "empty_content"),
         (post_chat(server, model="nope:missing", content="hi"), 404, "model_not_found"),
         (post_chat(server, model=BUNDLED_ID, content="hi", chat_id="no-such-chat"), 404, "not_found"),

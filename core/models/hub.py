@@ -28,6 +28,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import build_hf_headers
 
+from core.concurrency import os_lock
 from core.errors import AuthFailed, BadRequest, ModelNotFound, SwitchboardError
 from core.models.cache import TOKENIZER_FILES
 
@@ -114,19 +115,30 @@ def select_files(repo_id: str, names: list[str]) -> list[tuple[str, bool]]:
 # --- asking the hub ----------------------------------------------------------------------------
 # `manager` is the DownloadManager: it knows the token per endpoint and the timeout.
 
+# huggingface_hub shares one HTTP client (and the locks inside it, green ones under eventlet) between all
+# threads. Each download runs in its own OS thread, and two of them contending for a green lock hang in
+# "cannot switch to a different thread": so its calls (short metadata requests) take turns on a real lock.
+_HUB_CALLS = os_lock()
+
 
 def fetch_model_info(manager: Any, endpoint: str, repo_id: str, revision: str | None) -> object:
     """Ask one endpoint for the commit and every file's size, LFS sha256 and blob id."""
     api = HfApi(endpoint=endpoint, token=manager.token_for(endpoint), library_name="switchboard")
-    return api.model_info(repo_id, revision=revision, files_metadata=True, timeout=manager.timeout)
+    with _HUB_CALLS:
+        return api.model_info(repo_id, revision=revision, files_metadata=True, timeout=manager.timeout)
 
 
 def file_metadata(manager: Any, endpoint: str, repo_id: str, name: str, commit: str) -> tuple[str, object]:
     """URL and HEAD metadata (etag, size, commit) of one file; 404 raises EntryNotFoundError."""
     url = hf_hub_url(repo_id, name, revision=commit, endpoint=endpoint)
-    return url, get_hf_file_metadata(
-        url, token=manager.token_for(endpoint), timeout=manager.timeout, endpoint=endpoint, library_name="switchboard"
-    )
+    with _HUB_CALLS:
+        return url, get_hf_file_metadata(
+            url,
+            token=manager.token_for(endpoint),
+            timeout=manager.timeout,
+            endpoint=endpoint,
+            library_name="switchboard",
+        )
 
 
 def request_headers(manager: Any, endpoint: str) -> dict[str, str]:

@@ -93,6 +93,34 @@ def _status_detail(exc: openai.APIStatusError) -> str:
     return str(text or "").strip().replace("\n", " ")[:300]
 
 
+# Parameters a model may refuse while taking the request without them: dropped, or (max_tokens) renamed.
+ADAPTABLE = ("stream_options", "max_tokens", "temperature", "top_p")
+
+
+def _refused_parameter(exc: openai.APIStatusError, params: dict[str, Any]) -> str | None:
+    """The parameter a 400 refuses, when the request can go again without it (else None).
+
+    OpenAI names it in the error's `param` with code `unsupported_parameter` / `unsupported_value`;
+    servers that predate `stream_options` only say so in the message.
+    """
+    param, code = getattr(exc, "param", None), getattr(exc, "code", None)
+    if param in ADAPTABLE and param in params and code in ("unsupported_parameter", "unsupported_value"):
+        return param
+    if "stream_options" in params and "stream_options" in f"{_status_detail(exc)} {exc.message}":
+        return "stream_options"
+    return None
+
+
+def _adapted(params: dict[str, Any], refused: tuple[str, ...]) -> dict[str, Any]:
+    """`params` without the refused parameters (`max_tokens` becomes `max_completion_tokens`)."""
+    out = dict(params)
+    for name in refused:
+        value = out.pop(name, None)
+        if name == "max_tokens" and value is not None:
+            out["max_completion_tokens"] = value
+    return out
+
+
 class OpenAICompatProvider(Provider):
     """One OpenAI-compatible server (vLLM, llama.cpp, DeepSeek, OpenAI…); model ids are "<key>:<model>".
 
@@ -118,6 +146,8 @@ class OpenAICompatProvider(Provider):
         # between OS threads.
         self._idle_clients: list[tuple[str, openai.OpenAI]] = []
         self._client_lock = os_lock()
+        # Parameters a model refused with a 400 (see `_open`), so later requests leave them out at once.
+        self._refused: dict[str, tuple[str, ...]] = {}
 
     # -- credentials -----------------------------------------------------------------------------
     def _api_key(self) -> str | None:
@@ -358,14 +388,24 @@ class OpenAICompatProvider(Provider):
         )
 
     def _open(self, client: openai.OpenAI, params: dict[str, Any]) -> Any:
-        """Start the stream asking for usage; servers that reject stream_options get it once without."""
-        try:
-            return client.chat.completions.create(**params, stream_options={"include_usage": True})
-        except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-            if "stream_options" not in f"{_status_detail(exc)} {exc.message}":
-                raise
-            log.info("event=openai_stream_options_rejected connection=%s retry=without", self.key)
-            return client.chat.completions.create(**params)
+        """Start the stream asking for usage, in the form this model takes.
+
+        A 400 that names a parameter the model refuses is answered once per parameter, and remembered
+        per model: servers that reject `stream_options` get it without; OpenAI's reasoning models get
+        `max_completion_tokens` instead of `max_tokens` and their default temperature and top_p.
+        """
+        model = params["model"]
+        params = _adapted({**params, "stream_options": {"include_usage": True}}, self._refused.get(model, ()))
+        while True:
+            try:
+                return client.chat.completions.create(**params)
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                refused = _refused_parameter(exc, params)
+                if refused is None:
+                    raise
+                log.info("event=openai_parameter_refused connection=%s model=%s param=%s", self.key, model, refused)
+                self._refused[model] = (*self._refused.get(model, ()), refused)
+                params = _adapted(params, (refused,))
 
     # -- errors ----------------------------------------------------------------------------------
     def _timeout(self, why: str) -> ProviderTimeout:

@@ -54,6 +54,41 @@ def make_tiny_model(dest: Path, vocab_size: int = 2000) -> Path:
     return dest
 
 
+def make_short_context_model(dest: Path, positions: int = 32) -> Path:
+    """A random GPT-2 that can look at only `positions` tokens (learned position embeddings).
+
+    Loading it works; generating fails for real once a position passes the table (IndexError in the
+    model): before the first token for a long prompt, mid-answer for a short one. Greedy decoding of
+    these fixed weights never stops early, so a short prompt always streams words and then fails.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({f"w{i}": i + 4 for i in range(496)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(vocab),
+        n_positions=positions,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    GPT2LMHeadModel(config).save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))

@@ -4,13 +4,22 @@ Serves repos from ROOT/<org>/<name>/ (files in the top level). Endpoints, checke
 huggingface_hub's hf_api.py / file_download.py:
   GET  /api/models/{repo}[/revision/{rev}][?blobs=True]  -> {id, sha, siblings: [{rfilename, size?, blobId?, lfs?}]}
   GET  /api/models/{repo}/tree/{rev}?recursive=..         -> [{type, path, size, oid, lfs?: {oid, size, pointerSize}}]
-  HEAD/GET /{repo}/resolve/{rev}/{file}                  -> X-Repo-Commit, ETag, X-Linked-Etag/X-Linked-Size (LFS),
-                                                            Accept-Ranges; `Range: bytes=N-[M]` -> 206 + Content-Range
+  HEAD/GET /{repo}/resolve/{rev}/{file}                  -> X-Repo-Commit, ETag, Accept-Ranges and the body of a
+                                                            small file; `Range: bytes=N-[M]` -> 206 + Content-Range
+Like the real hub, weight (LFS) files are not served from the hub's host: /resolve/ answers them with a 302 to a
+signed URL on another host (here a second server, "the CDN", on 127.0.0.2), carrying X-Linked-Size and
+X-Linked-Etag (the sha256) for clients that stop at the redirect (huggingface_hub's HEAD does). The CDN refuses a
+request that carries an `Authorization` header (400, as S3 does for a presigned URL: a client must drop the hub
+token on the cross-host redirect) or a bad signature (403), and honours `Range` (206, or 416 past the end).
 Unknown repos answer 401 + X-Error-Code: RepoNotFound (as the real hub does), unknown files 404 + EntryNotFound.
+Gated repos (`gated` {repo: {tokens with access}}) list their files to anyone, but /resolve/ answers 401
+(no token) or 403 (a token without access) with X-Error-Code: GatedRepo, as the real hub does.
 Faults (HubServer attributes, or POST /_control as JSON from another process): `cut_after` {file: [n, ...]}
 closes the connection after n body bytes of the next GETs of that file; `fail` {status, count, match, error_code}
-answers `status` to requests whose path contains `match` (count None = forever); `throttle` bytes/s for file bodies.
-GET /_log returns the request log (method, path, range, status, bytes sent, auth).
+answers `status` to requests whose path contains `match` (count None = forever); `throttle` bytes/s for file bodies;
+`ignore_range` answers 200 with the whole file to a Range request (a server without range support); `truncate`
+{file: n} makes the CDN's copy of a file only n bytes long (a broken mirror: it still advertises the full size).
+GET /_log returns the request log (host "hub" or "cdn", method, path, range, status, bytes sent, auth).
 Run as a process: python tests/peers/hub_server.py --port P --root DIR   (prints "READY <url>")
 """
 
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import re
 import socket
@@ -40,35 +50,58 @@ def _file_info(path: Path) -> dict:
     return info
 
 
+CDN_HOST = "127.0.0.2"  # another host on the loopback network: a redirect there leaves the hub's origin
+URL_LIFETIME_S = 3600
+
+
 class HubServer:
-    """The hub's state: served repos, faults and the request log; start()/stop() run it in a thread."""
+    """The hub's state: served repos, faults and the request log; start()/stop() run it (and its CDN) in threads."""
 
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0) -> None:
         self.root = Path(root)
         self.cut_after: dict[str, list[int]] = {}
         self.fail: dict | None = None
         self.throttle: float | None = None
+        self.ignore_range = False
+        self.truncate: dict[str, int] = {}
+        self.gated: dict[str, set[str]] = {}
         self.log: list[dict] = []
         self.lock = threading.Lock()
+        self.secret = hashlib.sha256(str(time.time_ns()).encode()).digest()
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.hub = self  # type: ignore[attr-defined]
+        self.cdn = ThreadingHTTPServer((CDN_HOST, 0), _CdnHandler)
+        for server in (self.httpd, self.cdn):
+            server.daemon_threads = True
+            server.hub = self  # type: ignore[attr-defined]
         self.url = f"http://{host}:{self.httpd.server_address[1]}"
-        self._thread: threading.Thread | None = None
+        self.cdn_url = f"http://{CDN_HOST}:{self.cdn.server_address[1]}"
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> HubServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True, name="test hub")
-        self._thread.start()
+        for server, name in ((self.httpd, "test hub"), (self.cdn, "test hub cdn")):
+            thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True, name=name)
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        for server in (self.httpd, self.cdn):
+            server.shutdown()
+            server.server_close()
 
     def reset(self) -> None:
         """Clear faults and the log."""
         with self.lock:
             self.cut_after, self.fail, self.throttle, self.log = {}, None, None, []
+            self.ignore_range, self.truncate, self.gated = False, {}, {}
+
+    def sign(self, path: str, expires: int) -> str:
+        return hmac.new(self.secret, f"{path}:{expires}".encode(), "sha256").hexdigest()
+
+    def transfers(self, name: str) -> list[dict]:
+        """GETs that sent (some of) file `name`'s bytes: from the CDN for weights, the hub for small files."""
+        with self.lock:
+            return [e for e in self.log if e["method"] == "GET" and e["status"] != 302 and e["path"].endswith(name)]
 
     def repo(self, repo_id: str) -> Path | None:
         path = self.root / repo_id
@@ -88,13 +121,14 @@ class HubServer:
         with self.lock:
             return [e for e in self.log if (method is None or e["method"] == method) and contains in e["path"]]
 
-    def bytes_served(self, contains: str = "/resolve/") -> int:
+    def bytes_served(self, contains: str = "") -> int:
         """Body bytes written to sockets for GETs whose path contains `contains`."""
         return sum(e["bytes"] for e in self.requests("GET", contains))
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"  # one request per connection: a cut is a plain close
+    host_name = "hub"
 
     @property
     def hub(self) -> HubServer:
@@ -116,6 +150,7 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path, query = unquote(parts.path), parse_qs(parts.query)
         entry = {
+            "host": self.host_name,
             "method": method,
             "path": path,
             "range": self.headers.get("Range"),
@@ -137,7 +172,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/_control" and method == "POST":
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
             with self.hub.lock:
-                for key in ("cut_after", "fail", "throttle"):
+                for key in ("cut_after", "fail", "throttle", "ignore_range", "truncate"):
                     if key in body:
                         setattr(self.hub, key, body[key])
                 if body.get("reset_log"):
@@ -240,11 +275,59 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(
                 entry, 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}
             )
-        info, data = _file_info(path), path.read_bytes()
+        if (
+            repo_id in self.hub.gated
+            and name not in ("README.md", ".gitattributes")
+            and self._refuse_gated(entry, repo_id)
+        ):
+            return
+        info = _file_info(path)
+        headers = {"X-Repo-Commit": sha, "Accept-Ranges": "bytes", "ETag": f'"{info["git_oid"]}"'}
+        if "sha256" in info:  # a weight file lives on the CDN: redirect there with a signed URL
+            cdn_path = f"/lfs/{repo_id}/{info['sha256']}/{name}"
+            expires = int(time.time()) + URL_LIFETIME_S
+            location = f"{self.hub.cdn_url}{cdn_path}?Expires={expires}&Signature={self.hub.sign(cdn_path, expires)}"
+            headers.update(
+                {
+                    "Location": location,
+                    "X-Linked-Etag": f'"{info["sha256"]}"',
+                    "X-Linked-Size": str(info["size"]),
+                    "ETag": f'"{info["sha256"]}"',
+                }
+            )
+            return self._json(entry, 302, {"message": f"Found. Redirecting to {location}"}, headers)
+        self._send_file(method, entry, path.read_bytes(), name, headers)
+
+    def _refuse_gated(self, entry: dict, repo_id: str) -> bool:
+        """401/403 GatedRepo unless the request carries a token with access to `repo_id`."""
+        token = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        if token and token in self.hub.gated[repo_id]:
+            return False
+        if token:
+            status, message = (
+                403,
+                (
+                    f"Access to model {repo_id} is restricted and you are not in the authorized list. "
+                    f"Visit https://huggingface.co/{repo_id} to ask for access."
+                ),
+            )
+        else:
+            status, message = (
+                401,
+                (
+                    f"Access to model {repo_id} is restricted. You must have access to it and be authenticated to "
+                    "access it. Please log in."
+                ),
+            )
+        self._json(entry, status, {"error": message}, {"X-Error-Code": "GatedRepo", "X-Error-Message": message})
+        return True
+
+    def _send_file(self, method: str, entry: dict, data: bytes, name: str, headers: dict) -> None:
+        """The file (or the requested range of it) with `headers`; 416 for a range past its end."""
         total, start, end = len(data), 0, len(data) - 1
         status = 200
         rng = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
-        if rng:
+        if rng and not self.hub.ignore_range:
             start = int(rng.group(1))
             end = min(int(rng.group(2)), total - 1) if rng.group(2) else total - 1
             if start >= total:
@@ -256,16 +339,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             status = 206
         headers = {
-            "X-Repo-Commit": sha,
-            "Accept-Ranges": "bytes",
+            **headers,
             "Content-Length": str(end - start + 1),
             "Content-Type": "application/octet-stream",
-            "ETag": f'"{info["git_oid"]}"',
         }
-        if "sha256" in info:
-            headers.update(
-                {"X-Linked-Etag": f'"{info["sha256"]}"', "X-Linked-Size": str(total), "ETag": f'"{info["sha256"]}"'}
-            )
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end}/{total}"
         self.send_response(status)
@@ -302,17 +379,66 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
 
 
+class _CdnHandler(_Handler):
+    """The storage host that /resolve/ redirects weight files to: signed URLs, no hub token, Range."""
+
+    host_name = "cdn"
+
+    def _route(self, method: str, path: str, query: dict, entry: dict) -> None:
+        fail = self.hub.fail
+        if fail and fail.get("match", "") in path and fail.get("count", None) != 0:
+            with self.hub.lock:
+                if fail.get("count") is not None:
+                    fail["count"] -= 1
+            return self._xml(entry, int(fail.get("status", 503)), "ServiceUnavailable", "injected failure")
+        if self.headers.get("Authorization"):
+            return self._xml(
+                entry,
+                400,
+                "InvalidArgument",
+                "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, Signature query string "
+                "parameter or the Authorization header should be specified",
+            )
+        m = re.fullmatch(r"/lfs/([^/]+/[^/]+)/([0-9a-f]{64})/([^/]+)", path)
+        expires = (query.get("Expires") or ["0"])[0]
+        signature = (query.get("Signature") or [""])[0]
+        valid = m and expires.isdigit() and hmac.compare_digest(signature, self.hub.sign(path, int(expires)))
+        if not valid or int(expires) < time.time():
+            return self._xml(entry, 403, "AccessDenied", "Access denied: the URL is not signed or has expired")
+        repo = self.hub.repo(m.group(1))
+        file = repo / m.group(3) if repo else None
+        if file is None or not file.is_file() or _file_info(file).get("sha256") != m.group(2):
+            return self._xml(entry, 404, "NoSuchKey", "The specified key does not exist.")
+        data = file.read_bytes()
+        keep = self.hub.truncate.get(m.group(3))
+        self._send_file(
+            method, entry, data[:keep] if keep is not None else data, m.group(3), {"ETag": f'"{m.group(2)}"'}
+        )
+
+    def _xml(self, entry: dict, status: int, code: str, message: str) -> None:
+        body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        entry["status"] = status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--root", required=True, type=Path)
     args = parser.parse_args(argv)
-    hub = HubServer(args.root, port=args.port)
+    hub = HubServer(args.root, port=args.port).start()
     print(f"READY {hub.url}", flush=True)
     try:
-        hub.httpd.serve_forever()
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        hub.stop()
     return 0
 
 

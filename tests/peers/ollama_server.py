@@ -3,6 +3,16 @@
 A real HTTP server: NDJSON streaming over chunked transfer, model load state with keep_alive
 expiry, Ollama's error bodies, plus fault injection and a request log under /_test/.
 
+As strict as the real server where a client can get a request wrong (Ollama's chat handler and Options):
+a request body that does not decode into Ollama's types is a 400 with Go's decoder message (a
+message `content` that is not a string, `messages` that is not a list); an option of the wrong type
+is a 500 from `Options.FromMap` (`option "temperature" must be of type float32`); an embedding-only
+model (nomic-embed-text, all-minilm, ...) is listed like any other but answers a chat with 400
+`"<model>" does not support chat` (it can still be loaded by /api/embed and unloaded with
+keep_alive 0). /api/ps reports `size_vram` as `vram_fraction` of the size (1.0: all in GPU memory;
+0: a machine without a GPU; between: split between GPU and CPU). Routes: /, /api/version, /api/tags,
+/api/ps, /api/chat, /api/generate, /api/show (details and capabilities) and /api/embed.
+
 Run as a process:  python tests/peers/ollama_server.py --port P [--models a,b]   (prints "READY <port>")
 Or in-thread:      server = FakeOllama(["llama3:8b"]).start(); ...; server.stop()
 Or as a child:     proc = OllamaProcess.spawn(port=None, models=[...]); ...; proc.stop()
@@ -32,6 +42,31 @@ from typing import Any
 
 DEFAULT_MODELS = ["llama3:8b", "qwen2.5:0.5b-instruct-q4_K_M", "mistral:latest"]
 VERSION = "0.12.10"
+# Embedding-only models (capabilities ["embedding"]): their families, and names that mark them.
+EMBEDDING_FAMILIES = {"nomic-embed-text": "nomic-bert", "all-minilm": "bert", "mxbai-embed-large": "bert"}
+EMBEDDING_DIMENSION = 8
+# The kinds Ollama's Options.FromMap checks, for the options a client usually sends.
+OPTION_KINDS: dict[str, str] = {
+    "num_keep": "integer",
+    "seed": "integer",
+    "num_predict": "integer",
+    "top_k": "integer",
+    "top_p": "float32",
+    "min_p": "float32",
+    "typical_p": "float32",
+    "repeat_last_n": "integer",
+    "temperature": "float32",
+    "repeat_penalty": "float32",
+    "presence_penalty": "float32",
+    "frequency_penalty": "float32",
+    "stop": "array",
+    "num_ctx": "integer",
+    "num_batch": "integer",
+    "num_gpu": "integer",
+    "main_gpu": "integer",
+    "num_thread": "integer",
+    "use_mmap": "boolean",
+}
 # Models that think (docs.ollama.com/capabilities/thinking): since 0.12 they think unless the request
 # says `think: false`, and /api/chat streams the trace in `message.thinking`, apart from `content`.
 THINKING_FAMILIES = ("deepseek-r1", "qwen3")
@@ -53,6 +88,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "stall_s": 0.0,
     "load_delay_s": 0.0,  # extra time to "load" a model that is not loaded
     "ps_unload_delay_s": 0.0,  # an unloaded model stays in /api/ps this long
+    "vram_fraction": 1.0,  # share of a loaded model's size that /api/ps reports as size_vram
 }
 
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -112,9 +148,9 @@ def model_entry(name: str) -> dict:
     digest = hashlib.sha256(name.encode()).hexdigest()
     base, tag = name.rsplit(":", 1)
     fam = re.match(r"[a-z]+", base.rsplit("/", 1)[-1])
-    family = fam.group(0) if fam else "llama"
+    family = embedding_family(name) or (fam.group(0) if fam else "llama")
     size_match = re.search(r"(\d+(?:\.\d+)?)b", tag.lower())
-    params = float(size_match.group(1)) if size_match else 7.2
+    params = float(size_match.group(1)) if size_match else (0.137 if embedding_family(name) else 7.2)
     quant = re.search(r"(q\d_[a-z0-9_]+|q\d_\d|f16|fp16)", tag.lower())
     return {
         "name": name,
@@ -131,6 +167,89 @@ def model_entry(name: str) -> dict:
             "quantization_level": quant.group(1).upper() if quant else "Q4_0",
         },
     }
+
+
+def embedding_family(name: str) -> str | None:
+    """The family of an embedding-only model (None for a chat model)."""
+    base = name.rsplit(":", 1)[0].rsplit("/", 1)[-1]
+    return EMBEDDING_FAMILIES.get(base)
+
+
+def capabilities(name: str) -> list[str]:
+    """What /api/show reports: embedding models embed only; the others complete (and think, for some)."""
+    if embedding_family(name):
+        return ["embedding"]
+    thinks = name.split(":")[0].rsplit("/", 1)[-1] in THINKING_FAMILIES
+    return ["completion", "thinking"] if thinks else ["completion"]
+
+
+def _go_kind(value: Any) -> str:
+    """The JSON kind as Go's decoder names it in an UnmarshalTypeError."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, dict) else "null"
+
+
+def decode_error(body: dict, chat: bool) -> str | None:
+    """Go's message when `body` does not decode into api.ChatRequest / api.GenerateRequest (else None)."""
+    kind = "ChatRequest" if chat else "GenerateRequest"
+    strings = ("model",) if chat else ("model", "prompt", "system", "template", "suffix")
+    for key in strings:
+        if body.get(key) is not None and not isinstance(body[key], str):
+            return f"json: cannot unmarshal {_go_kind(body[key])} into Go struct field {kind}.{key} of type string"
+    if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
+        return f"json: cannot unmarshal {_go_kind(body['stream'])} into Go struct field {kind}.stream of type bool"
+    if "options" in body and body["options"] is not None and not isinstance(body["options"], dict):
+        return (
+            f"json: cannot unmarshal {_go_kind(body['options'])} into Go struct field {kind}.options "
+            "of type map[string]interface {}"
+        )
+    if not chat or body.get("messages") is None:
+        return None
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        kind = _go_kind(messages)
+        return f"json: cannot unmarshal {kind} into Go struct field ChatRequest.messages of type []api.Message"
+    for message in messages:
+        if not isinstance(message, dict):
+            return (
+                f"json: cannot unmarshal {_go_kind(message)} into Go struct field ChatRequest.messages "
+                "of type api.Message"
+            )
+        for key in ("role", "content", "thinking"):
+            value = message.get(key)
+            if value is not None and not isinstance(value, str):
+                return (
+                    f"json: cannot unmarshal {_go_kind(value)} into Go struct field "
+                    f"ChatRequest.messages.{key} of type string"
+                )
+    return None
+
+
+def options_error(options: dict) -> str | None:
+    """Options.FromMap's error for a value of the wrong type (unknown options are ignored, as there)."""
+    for key in sorted(options):
+        value, kind = options[key], OPTION_KINDS.get(key)
+        if kind is None or value is None:
+            continue
+        if kind == "integer" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f'option "{key}" must be of type integer'
+        if kind == "float32" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f'option "{key}" must be of type float32'
+        if kind == "boolean" and not isinstance(value, bool):
+            return f'option "{key}" must be of type boolean'
+        if kind == "array":
+            if not isinstance(value, list):
+                return f'option "{key}" must be of type array'
+            if not all(isinstance(item, str) for item in value):
+                return f'option "{key}" must be of an array of strings'
+    return None
 
 
 def answer_for(messages: list) -> str:
@@ -207,6 +326,8 @@ class _Handler(BaseHTTPRequestHandler):
             ("GET", "/api/ps"): self._ps,
             ("POST", "/api/chat"): lambda: self._generate(body, err, chat=True),
             ("POST", "/api/generate"): lambda: self._generate(body, err, chat=False),
+            ("POST", "/api/show"): lambda: self._show(body, err),
+            ("POST", "/api/embed"): lambda: self._embed(body, err),
         }.get((self.command, path))
         if route is None:
             return self._send_text(404, "404 page not found")
@@ -238,7 +359,7 @@ class _Handler(BaseHTTPRequestHandler):
             entry = model_entry(name)
             entry.pop("modified_at")
             entry["expires_at"] = _iso(expires)
-            entry["size_vram"] = entry["size"]
+            entry["size_vram"] = int(entry["size"] * float(self.fake.config["vram_fraction"]))
             entry["context_length"] = 4096
             out.append(entry)
         self._send_json(200, {"models": out})
@@ -248,6 +369,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, err)
         if not isinstance(body, dict):
             return self._error(400, "json: cannot unmarshal request body")
+        undecodable = decode_error(body, chat)
+        if undecodable:
+            return self._error(400, undecodable)
         if not body.get("model"):
             return self._error(400, "model is required")
         name = normalize_name(str(body["model"]))
@@ -258,20 +382,24 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             return self._error(400, str(exc))
         options = body.get("options") or {}
-        if not isinstance(options, dict):
-            return self._error(400, "json: cannot unmarshal options")
         messages = body.get("messages") if chat else None
         prompt = body.get("prompt", "")
-        if (chat and not messages) or (not chat and not prompt):
+        empty = (chat and not messages) or (not chat and not prompt)
+        if empty and keep == 0:  # unloading comes before any capability or option check
             return self._load_or_unload(name, keep, chat)
-        if chat and not isinstance(messages, list):
-            return self._error(400, "json: cannot unmarshal messages")
         think = body.get("think")
-        thinks = name.split(":")[0].rsplit("/", 1)[-1] in THINKING_FAMILIES
+        caps = capabilities(name)
         if think not in (None, False, True, "low", "medium", "high"):
             return self._error(400, "json: cannot unmarshal think")
-        if think not in (None, False) and not thinks:
-            return self._error(400, f'"{name}" does not support thinking')
+        if think not in (None, False) and "thinking" not in caps:
+            return self._error(400, f'"{body["model"]}" does not support thinking')
+        if "completion" not in caps:
+            return self._error(400, f'"{body["model"]}" does not support {"chat" if chat else "generate"}')
+        bad_option = options_error(options)
+        if bad_option:
+            return self._error(500, bad_option)
+        if empty:
+            return self._load_or_unload(name, keep, chat)
         self._answer(
             name,
             keep,
@@ -279,8 +407,66 @@ class _Handler(BaseHTTPRequestHandler):
             messages if chat else [{"role": "user", "content": prompt}],
             options,
             body.get("stream", True) is not False,
-            thinks and think is not False,
+            "thinking" in caps and think is not False,
         )
+
+    def _show(self, body: Any, err: str | None) -> None:
+        if err:
+            return self._error(400, err)
+        if not isinstance(body, dict) or not body.get("model"):
+            return self._error(400, "model is required")
+        name = normalize_name(str(body["model"]))
+        if name not in self.fake.models:
+            return self._error(404, f"model '{body['model']}' not found")
+        entry = model_entry(name)
+        family = entry["details"]["family"]
+        self._send_json(
+            200,
+            {
+                "modelfile": f'# Modelfile generated by "ollama show"\nFROM {name}\n',
+                "parameters": "",
+                "template": "" if embedding_family(name) else "{{ .Prompt }}",
+                "details": entry["details"],
+                "model_info": {"general.architecture": family, f"{family}.context_length": 4096},
+                "capabilities": capabilities(name),
+                "modified_at": entry["modified_at"],
+            },
+        )
+
+    def _embed(self, body: Any, err: str | None) -> None:
+        if err:
+            return self._error(400, err)
+        if not isinstance(body, dict) or not body.get("model"):
+            return self._error(400, "model is required")
+        name = normalize_name(str(body["model"]))
+        if name not in self.fake.models:
+            return self._error(404, f'model "{body["model"]}" not found, try pulling it first')
+        try:
+            keep = parse_keep_alive(body.get("keep_alive"))
+        except ValueError as exc:
+            return self._error(400, str(exc))
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return self._error(400, "invalid input type")
+        load_s = self.fake.load(name)
+        vectors = []
+        for text in texts:
+            digest = hashlib.sha256(text.encode()).digest()
+            raw = [b - 127.5 for b in digest[:EMBEDDING_DIMENSION]]
+            norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+            vectors.append([round(x / norm, 6) for x in raw])
+        self._send_json(
+            200,
+            {
+                "model": name,
+                "embeddings": vectors,
+                "total_duration": int(load_s * 1e9) + 1_000_000,
+                "load_duration": int(load_s * 1e9),
+                "prompt_eval_count": sum(len(t.split()) for t in texts),
+            },
+        )
+        self._finish(name, keep)
 
     def _load_or_unload(self, name: str, keep: float, chat: bool) -> None:
         reason = "unload" if keep == 0 else "load"

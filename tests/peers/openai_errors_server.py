@@ -1,8 +1,10 @@
 """A tiny real OpenAI-compatible HTTP server whose behaviour the request's model name chooses.
 
 For what llama.cpp's server cannot be made to do on demand: HTTP errors with Retry-After, stalls,
-streams that end without a finish_reason, servers that reject `stream_options`. SSE over HTTP/1.1
-chunked transfer, like the real servers.
+streams that end without a finish_reason, servers that reject `stream_options`, an error chunk in
+the middle of a stream, and a reasoning model's parameter rules. SSE over HTTP/1.1 chunked transfer,
+like the real servers. Requests are checked as OpenAI checks them first (openai_rules.py): broken
+JSON, unknown or mistyped fields are a 400 in OpenAI's error shape.
 
 Model names (in POST /v1/chat/completions):
   ok                      streams "Hello", " world", finish_reason "stop", then a usage chunk
@@ -12,6 +14,10 @@ Model names (in POST /v1/chat/completions):
   stall-first-<s>         sends the headers, then waits <s> seconds before the first chunk
   stall-after-<s>         sends one chunk, then waits <s> seconds
   no-finish               streams two chunks and [DONE] without any finish_reason
+  error-after-1           streams "Hello", then OpenAI's mid-stream error chunk `data: {"error": {...}}`
+  drop-before-first       sends the headers, then drops the connection (a server that dies before answering)
+  o3-mini                 a reasoning model: 400 for max_tokens (unsupported_parameter) and for a
+                          temperature or top_p other than 1 (unsupported_value); else like "ok"
   anything else           404 model_not_found, as OpenAI and vLLM answer (llama.cpp serves its one model)
 GET /v1/models lists these names; GET /_test/log returns the requests seen ({"path", "json", "auth"}).
 
@@ -21,12 +27,30 @@ GET /v1/models lists these names; GET /_test/log returns the requests seen ({"pa
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-MODELS = ["ok", "status-429-retry-7", "status-500", "status-503", "reject-stream-options", "no-finish"]
+try:
+    from tests.peers.openai_rules import check_request, reasoning_model_error
+except ImportError:  # run as a script, or imported with tests/peers on sys.path only
+    from openai_rules import check_request, reasoning_model_error  # type: ignore[no-redef]
+
+MODELS = [
+    "ok",
+    "status-429-retry-7",
+    "status-500",
+    "status-503",
+    "reject-stream-options",
+    "no-finish",
+    "error-after-1",
+    "o3-mini",
+    "drop-before-first",
+]
+STREAMING = ("ok", "reject-stream-options", "no-finish", "error-after-1", "o3-mini", "drop-before-first")
+MID_STREAM_ERROR = "The server had an error while processing your request. Sorry about that!"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -86,13 +110,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError:
-            body = {}
-        self.server.requests.append({"path": self.path, "json": body, "auth": self.headers.get("Authorization", "")})
+        status, body = check_request(self.rfile.read(length))
+        entry = {
+            "path": self.path,
+            "json": body if status == 200 else None,
+            "auth": self.headers.get("Authorization", ""),
+        }
+        entry["status"] = status
+        self.server.requests.append(entry)
         if self.path != "/v1/chat/completions":
             self._json(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        if status != 200:
+            self._json(status, body)
             return
         model = str(body.get("model", ""))
         parts = model.split("-")
@@ -107,7 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
             token = self.headers.get("Authorization", "").removeprefix("Bearer ")
             self._json(int(parts[2]), {"error": {"message": f"Incorrect API key provided: {token}"}})
             return
-        if not (model in ("ok", "reject-stream-options", "no-finish") or model.startswith("stall-")):
+        if not (model in STREAMING or model.startswith("stall-")):
             self._json(
                 404,
                 {
@@ -130,10 +160,33 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
             return
+        refused = reasoning_model_error(body) if model == "o3-mini" else None
+        if refused:
+            entry["status"] = 400
+            self._json(400, refused)
+            return
+        if not body.get("stream"):
+            self._complete(model)
+            return
         try:
             self._stream(model, body)
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+    def _complete(self, model: str) -> None:
+        self._json(
+            200,
+            {
+                "id": "chatcmpl-test",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "Hello world"}, "finish_reason": "stop"}
+                ],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13},
+            },
+        )
 
     def _stream(self, model: str, body: dict) -> None:
         self.send_response(200)
@@ -141,9 +194,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.wfile.flush()
+        if model == "drop-before-first":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if model.startswith("stall-first-"):
             self._sleep(float(model.rsplit("-", 1)[1]))
         self._chunk(self._delta(model, "Hello"))
+        if model == "error-after-1":
+            self._chunk({"error": {"message": MID_STREAM_ERROR, "type": "server_error", "param": None, "code": None}})
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+            return
         if model.startswith("stall-after-"):
             self._sleep(float(model.rsplit("-", 1)[1]))
         self._chunk(self._delta(model, " world"))

@@ -5,7 +5,8 @@ GET /v1/models lists MODELS; POST /v1/chat/completions answers (streamed SSE or 
   think-tags   the reasoning inside the text, tags split across chunks: "<th" "ink>step</" "think>Ans" "wer"
   think-field  the reasoning in separate `reasoning_content` deltas ("st" "ep"), then "Ans" "wer"
 
-GET /_test/log returns {"requests": [request bodies]}.
+GET /_test/log returns {"requests": [request bodies]}. Requests are checked as OpenAI checks them
+(openai_rules.py): broken JSON, unknown or mistyped fields are a 400 in OpenAI's error shape.
 
     with OpenAIPeer() as peer:          # peer.base_url == "http://127.0.0.1:<port>/v1"
         ...
@@ -20,6 +21,11 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+try:
+    from tests.peers.openai_rules import check_request
+except ImportError:  # run as a script
+    from openai_rules import check_request  # type: ignore[no-redef]
 
 REASONING, ANSWER = "step", "Answer"
 # Each model's stream: (kind, text) chunks; kind "content" goes in delta.content, "reasoning" in reasoning_content.
@@ -68,14 +74,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         if self.path != "/v1/chat/completions":
             return self._error(404, f"no route {self.path}")
-        try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
-        except json.JSONDecodeError:
-            return self._error(400, "invalid JSON")
-        if not isinstance(body, dict) or body.get("model") not in SCRIPTS:
-            return self._error(
-                404, f"model {body.get('model') if isinstance(body, dict) else None!r} not found", "model_not_found"
-            )
+        status, body = check_request(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        if status != 200:
+            return self._json(status, body)
+        if body["model"] not in SCRIPTS:
+            return self._error(404, f"The model `{body['model']}` does not exist.", "model_not_found")
         with self.server.lock:
             self.server.log.append(body)
         script = SCRIPTS[body["model"]]
