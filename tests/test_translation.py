@@ -260,6 +260,7 @@ def test_a_translation_waits_for_a_chat_on_the_same_local_model_and_stops_within
     mark = len(client.events)
     client.emit("translate_stop", {"request_id": "q-1"})  # it has ended
     assert client.wait_event("error", start=mark, timeout=10)[3] == {
+        "scope": "translate_stop",
         "code": "not_found",
         "message": "no translation q-1 is running",
         "request_id": "q-1",

@@ -112,7 +112,9 @@ def search():
         raise BadRequest("k must be an integer") from None
     if k is not None and not 1 <= k <= 50:
         raise BadRequest("k must be between 1 and 50")
-    hits = run_blocking(_knowledge().search, query, k, request.args.get("collection") or None)
+    knowledge = _knowledge()
+    with knowledge.lease("search"):  # the embedder is loaded (and later unloaded) by the resource manager
+        hits = run_blocking(knowledge.search, query, k, request.args.get("collection") or None)
     return jsonify(
         {
             "results": [

@@ -26,7 +26,7 @@ from typing import Any
 
 from core.concurrency import os_lock
 from core.engines.device import module_bytes, pick_device, release_memory, weights_on_disk
-from core.errors import ModelUnavailable
+from core.errors import ModelUnavailable, SwitchboardError
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,15 @@ class Engine(ABC):
             try:
                 self.device, self.dtype = self.choose_device()
                 weights = self.load_weights(self.device, self.dtype)
-            except BaseException:
+            except BaseException as exc:
                 self.weights, self.state = None, UNLOADED
                 release_memory(self.device)
+                if isinstance(exc, Exception) and not isinstance(exc, SwitchboardError):
+                    # Broken or truncated files, a format the runtime cannot read: the model cannot run.
+                    log.error("event=engine_load_failed role=%s model=%s error=%r", self.role, self.model_id, exc)
+                    raise ModelUnavailable(
+                        f"{self.model_id} could not be loaded: {type(exc).__name__}: {exc}"[:400]
+                    ) from None
                 raise
             self.weights = weights
             self.loaded_bytes = self.weights_bytes(weights)

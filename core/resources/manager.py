@@ -272,7 +272,7 @@ class ResourceManager:
 
     # -- operators and timers ----------------------------------------------------------------------
     def unload(self, which: str = "all", reason: str = "operator") -> list[str]:
-        """Unload engines by role name, slot key or 'all' (Ollama's models too for 'all')."""
+        """Unload engines by role name, slot key or 'all' (other runtimes' models and parked weights too for 'all')."""
         with self._switch:
             with self._cond:
                 chosen = [
@@ -280,8 +280,11 @@ class ResourceManager:
                     for s in self.slots.values()
                     if s.engine.is_loaded() and (which == "all" or which in s.roles or which == s.key)
                 ]
+                parked = [s for s in self.slots.values() if which == "all" and s.engine.parked]
             for slot in chosen:
                 self._unload(slot, reason)
+            for slot in parked:  # parked weights hold CPU RAM: "all" gives that back too
+                run_blocking(slot.engine.drop_parked)
             done = [s.key for s in chosen]
             if which == "all" or which in self.runtimes.providers:
                 done += self.runtimes.release(reason, only=None if which == "all" else which)
