@@ -235,11 +235,13 @@ class KnowledgeService:
             with self._lock:
                 self.jobs.pop(job.id, None)
             job.file.unlink(missing_ok=True)
-            error = (
-                exc
-                if isinstance(exc, SwitchboardError)
-                else IndexingFailed(f"indexing {job.extracted.name} failed: {type(exc).__name__}: {exc}"[:400])
-            )
+            # Whatever stopped it (a broken embedding model included), the outcome is one: not indexed.
+            if isinstance(exc, IndexingFailed):
+                error: SwitchboardError = exc
+            elif isinstance(exc, SwitchboardError):
+                error = IndexingFailed(f"indexing {job.extracted.name} failed: {exc.message}"[:400])
+            else:
+                error = IndexingFailed(f"indexing {job.extracted.name} failed: {type(exc).__name__}: {exc}"[:400])
             log.error("event=knowledge_index_failed document=%s error=%r", job.id, exc)
             progress("failed", error=error.to_dict())
             raise error from None
