@@ -12,6 +12,10 @@ they run in real OS threads. Measured traps, and the workaround for each:
   `os_event`, `use_real_locks_for_logging` for the logging module's locks).
 - Waiting through the hub from an OS thread hangs both: only the main thread waits through it
   (`_on_green_side`); OS threads block plainly.
+- An OS thread that uses a green socket (an HTTP call to another backend) gets an eventlet hub of
+  its own, whose epoll descriptor outlives the thread: `start_os_thread` closes it when the thread
+  ends. (Reusing threads instead was measured to slow a local model's generation by ~40 % once one
+  of them had made an HTTP call, so every blocking call gets a fresh thread.)
 - Libraries that start helper threads from a loading thread (transformers' weight-loading pool,
   tqdm's monitor thread) get green threads there: `configure_library_threads` turns those off.
 
@@ -92,9 +96,34 @@ def use_real_locks_for_logging() -> None:
 # -- primitives shared with OS threads ---------------------------------------------------------------
 def start_os_thread(target: Callable[..., Any], *args: Any, name: str = "switchboard-worker") -> Any:
     """Run `target(*args)` in a real OS thread (daemon) and return the thread."""
-    thread = _original("threading").Thread(target=target, args=args, name=name, daemon=True)
+
+    def run() -> None:
+        try:
+            target(*args)
+        finally:
+            _close_thread_hub()
+
+    thread = _original("threading").Thread(target=run, name=name, daemon=True)
     thread.start()
     return thread
+
+
+def _close_thread_hub() -> None:
+    """Close the eventlet hub this OS thread got when it used a green socket (an HTTP call to another
+    backend): a hub holds an epoll descriptor that is not given back when its thread ends, so a
+    thread per request leaked one descriptor per request until the process hit its file limit."""
+    hubs = sys.modules.get("eventlet.hubs")
+    local = getattr(hubs, "_threadlocal", None)
+    hub = getattr(local, "hub", None) if local is not None else None
+    if hub is None:
+        return
+    try:
+        poll = getattr(hub, "poll", None)
+        if poll is not None and hasattr(poll, "close"):
+            poll.close()
+    except OSError:
+        pass
+    del local.hub
 
 
 def os_event() -> Any:
@@ -187,52 +216,6 @@ class Mailbox:
 
 
 # -- the one way to run blocking work ---------------------------------------------------------------
-class _WorkerPool:
-    """Reused OS threads for short blocking work: a thread that touches a green socket gets its own
-    eventlet hub (an epoll descriptor) that is not given back when the thread ends, so a new thread
-    per request leaked one descriptor per call. Idle workers wait for the next task; a new worker is
-    started only when none is idle, so the pool grows to the peak concurrency and stays there."""
-
-    def __init__(self) -> None:
-        self._tasks = _original("queue").Queue()
-        self._lock = os_lock()
-        self._idle = 0
-        self._size = 0
-
-    def submit(self, task: Callable[[], Any], name: str) -> None:
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-            else:
-                self._size += 1
-                start_os_thread(self._work, name=f"pool-{self._size}")
-        self._tasks.put((task, name))
-
-    def _work(self) -> None:
-        threading = _original("threading")
-        while True:
-            task, name = self._tasks.get()
-            threading.current_thread().name = name
-            try:
-                task()
-            except BaseException:  # a task reports its own failures; never let one kill the worker
-                log.exception("event=worker_task_failed name=%s", name)
-            with self._lock:
-                self._idle += 1
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-
-_pool = _WorkerPool()
-
-
-def pool_size() -> int:
-    """OS threads started for blocking work so far (they are reused; for tests and diagnostics)."""
-    return _pool.size
-
-
 class _End:
     """The producer returned."""
 
@@ -267,7 +250,7 @@ def stream_blocking(
         except BaseException as exc:  # handed to the consumer
             mailbox.put(_Failed(exc))
 
-    _pool.submit(worker, name)
+    start_os_thread(worker, name=name)
     cancelled_at: float | None = None
     waited = 0.0
     try:
@@ -337,7 +320,7 @@ def run_parallel(calls: list[Callable[[], T]], name: str = "parallel") -> list[T
                     done.set()
 
         for i, call in enumerate(calls[1:], start=1):
-            _pool.submit(lambda i=i, call=call: one(i, call), f"{name}-{i}")
+            start_os_thread(one, i, call, name=f"{name}-{i}")
         one(0, calls[0])
         done.wait()
 
