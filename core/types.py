@@ -32,6 +32,9 @@ class ChatOptions:
     temperature: float = 0.7
     top_p: float = 0.95
     stop: list[str] = field(default_factory=list)
+    #: Penalty on tokens seen in the last 64; None: the runtime's default (llama.cpp 1.1, as Ollama and
+    #: llama.cpp's servers use; transformers and other backends none).
+    repeat_penalty: float | None = None
 
 
 class CancelToken(Protocol):
