@@ -18,6 +18,9 @@ they run in real OS threads. Measured traps, and the workaround for each:
   of them had made an HTTP call, so every blocking call gets a fresh thread.)
 - Libraries that start helper threads from a loading thread (transformers' weight-loading pool,
   tqdm's monitor thread) get green threads there: `configure_library_threads` turns those off.
+- transformers' continuous-batching manager runs its loop in a thread of its own and talks to it
+  through queues and events: `use_real_threads_in` gives its modules the real `threading` and
+  `queue`, so that loop is an OS thread like our other workers.
 
 Everything else in core/ is written as if threads were plain: it calls `run_blocking`,
 `stream_blocking` or `run_parallel`, and uses `os_lock`/`os_event` for state shared with them.
@@ -79,6 +82,36 @@ def configure_library_threads() -> None:
     except ImportError:
         return
     tqdm.tqdm.monitor_interval = 0
+
+
+def use_real_threads_in(*modules: Any) -> None:
+    """Give library modules the real `threading` (with daemon threads) and `queue`.
+
+    Their threads and queues cross OS threads (eventlet would make them green), and a library's
+    background loop must not keep the process alive when the server or a tool exits.
+    """
+    for module in modules:
+        if hasattr(module, "threading"):
+            module.threading = _DaemonThreading(_original("threading"))
+        if hasattr(module, "queue"):
+            module.queue = _original("queue")
+
+
+class _DaemonThreading:
+    """The `threading` module as a library sees it, except that its threads are daemons."""
+
+    def __init__(self, threading: Any) -> None:
+        self._threading = threading
+
+        class Thread(threading.Thread):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.setdefault("daemon", True)
+                super().__init__(*args, **kwargs)
+
+        self.Thread = Thread
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._threading, name)
 
 
 def use_real_locks_for_logging() -> None:
@@ -231,6 +264,7 @@ def stream_blocking(
     cancel: Any = None,
     timeout: float | None = None,
     grace_s: float = CANCEL_GRACE_S,
+    min_interval: float = 0.0,
     name: str = "blocking-stream",
 ) -> Iterator[list[Any]]:
     """Run `produce(emit)` in an OS thread; yield what it emits, in order, in batches, on this side.
@@ -240,6 +274,8 @@ def stream_blocking(
     `timeout` bounds the wait for each next item (TimeoutError). Once `cancel` is set the producer
     is expected to return soon; if it stays silent for `grace_s` (a backend that only sees the stop
     at its next chunk), the stream ends here anyway and the producer is left to finish alone.
+    With `min_interval`, batches after the first come at most that often (what arrives meanwhile is
+    gathered into the next one), so a fast producer costs the event loop fewer wake-ups.
     """
     mailbox = Mailbox()
 
@@ -253,6 +289,7 @@ def stream_blocking(
     start_os_thread(worker, name=name)
     cancelled_at: float | None = None
     waited = 0.0
+    next_at = 0.0  # the first batch goes out at once
     try:
         while True:
             wait = CANCEL_POLL_S if cancel is not None else timeout
@@ -272,6 +309,8 @@ def stream_blocking(
                         return
                 continue
             waited = 0.0
+            if min_interval and not _ended(batch):
+                batch += _gather(mailbox, next_at)
             items: list[Any] = []
             for item in batch:
                 if item is _End:
@@ -284,8 +323,26 @@ def stream_blocking(
                     raise item.error
                 items.append(item)
             yield items
+            next_at = _std_time.monotonic() + min_interval
     finally:
         mailbox.close()
+
+
+def _ended(batch: list[Any]) -> bool:
+    return any(item is _End or isinstance(item, _Failed) for item in batch)
+
+
+def _gather(mailbox: Mailbox, until: float) -> list[Any]:
+    """Whatever else arrives before `until` (returns early at the producer's end or failure)."""
+    more: list[Any] = []
+    while (left := until - _std_time.monotonic()) > 0:
+        try:
+            more += mailbox.get_all(timeout=left)
+        except TimeoutError:
+            break
+        if _ended(more):
+            break
+    return more
 
 
 def run_blocking(fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:

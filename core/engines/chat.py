@@ -21,9 +21,21 @@ class TransformersChatEngine(Engine):
     role = "chat"
     can_park = True
 
-    def __init__(self, model_id: str, path: Path, device_preference: str = "auto", park_in_ram: bool = False) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        path: Path,
+        device_preference: str = "auto",
+        park_in_ram: bool = False,
+        max_parallel: int = 1,
+        context_tokens: int = 4096,
+    ) -> None:
         super().__init__(model_id, path, device_preference, park_in_ram)
         self.tokenizer: Any = None
+        #: Streams generated together (transformers' continuous batching) when > 1; else one `generate` each.
+        self.max_parallel = max(1, max_parallel)
+        self.context_tokens = context_tokens
+        self._batcher: Any = None
 
     def load_weights(self, device: str, dtype: str) -> Any:
         import torch
@@ -32,14 +44,29 @@ class TransformersChatEngine(Engine):
         # The tokenizer is small, CPU-only and kept across unloads: reloading it with the weights
         # fragments the heap (RSS crept ~1 MiB per cycle in measurements).
         self.tokenizer = self.tokenizer or AutoTokenizer.from_pretrained(self.path)
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype))
-        return model.to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype)).to(device).eval()
+        if self.max_parallel > 1:
+            from core.engines.transformers_batch import ContinuousBatcher
+
+            self._batcher = ContinuousBatcher(model, self.tokenizer, self.max_parallel, self.context_tokens)
+        return model
+
+    def release_weights(self, weights: Any) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
 
     def park_weights(self, weights: Any) -> Any:
+        self.release_weights(weights)  # the batcher's paged cache lives on the device too
         return weights.to("cpu")
 
     def unpark_weights(self, weights: Any, device: str) -> Any:
-        return weights.to(device)
+        model = weights.to(device)
+        if self.max_parallel > 1:
+            from core.engines.transformers_batch import ContinuousBatcher
+
+            self._batcher = ContinuousBatcher(model, self.tokenizer, self.max_parallel, self.context_tokens)
+        return model
 
     @property
     def model(self) -> Any:
@@ -74,6 +101,14 @@ class TransformersChatEngine(Engine):
         tokenizer = self.tokenizer
         if model is None:
             raise GenerationFailed(f"{self.model_id} was unloaded before it could answer")
+        batcher = self._batcher
+        if batcher is not None:
+            ids = tokenizer.apply_chat_template(
+                [m.to_dict() for m in messages], add_generation_prompt=True, tokenize=True
+            )
+            prompt = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            batcher.generate(prompt, options, cancel, result, emit)
+            return
         inputs = tokenizer.apply_chat_template(
             [m.to_dict() for m in messages], add_generation_prompt=True, return_tensors="pt", return_dict=True
         ).to(self.device)
@@ -89,6 +124,8 @@ class TransformersChatEngine(Engine):
             kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if options.repeat_penalty is not None:
+            kwargs["repetition_penalty"] = options.repeat_penalty
         if options.stop:
             kwargs["stop_strings"] = options.stop
             kwargs["tokenizer"] = tokenizer
