@@ -6,6 +6,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from core.errors import QueueFull
+
 
 class ModelQueue:
     """Waiting room of one model; `limit` streams run, the rest wait in arrival order."""
@@ -25,10 +27,29 @@ class Admission:
     job's cancel flag, checked every `poll_s`.
     """
 
-    def __init__(self, poll_s: float = 0.25) -> None:
+    def __init__(self, poll_s: float = 0.25, queue_max: int = 64) -> None:
         self.poll_s = poll_s
+        self.queue_max = queue_max
         self._queues: dict[str, ModelQueue] = {}
         self._lock = threading.Lock()
+
+    def check_room(self, model_id: str, limit: int | None) -> None:
+        """QueueFull when a new request for `model_id` would have to wait behind `queue_max` others.
+
+        Called when a request is accepted, before anything is stored; the count can be off by the
+        requests accepted at the same moment, which is fine for a cap that keeps the queue bounded.
+        """
+        if not limit:
+            return
+        queue = self._queues.get(model_id)
+        if queue is None or (queue.running < queue.limit and not queue.waiting):
+            return
+        if len(queue.waiting) >= self.queue_max:
+            raise QueueFull(
+                f"{len(queue.waiting)} requests already wait for {model_id}; try again later "
+                f"(local.queue_max = {self.queue_max})",
+                retry_after=5.0,
+            )
 
     def _queue(self, model_id: str, limit: int) -> ModelQueue:
         with self._lock:

@@ -60,7 +60,7 @@ class ChatJob(StreamJob):
         knowledge: bool | str = False,
         messages: list[Message] | None = None,
     ) -> None:
-        super().__init__(chat_id, model.id, provider.max_concurrency)
+        super().__init__(chat_id, model.id, provider.concurrency(model))
         self.service = service
         self.chat_id, self.message_id = chat_id, message_id
         self.provider, self.model, self.options = provider, model, options
@@ -232,6 +232,7 @@ class ChatService:
             raise BadRequest("knowledge-assisted chat is not available on this server", param="knowledge")
         options = chat_options(request.options, self._defaults())
         provider, model = self.router.route(request.model)
+        self.runner.check_room(model.id, provider.concurrency(model))
         chat_id = request.chat_id
         if chat_id is not None:
             if not self.store.chat_exists(chat_id):
@@ -255,6 +256,7 @@ class ChatService:
         """A request that brings its own conversation (the /v1 API): routed and admitted, never stored."""
         self._check_content(messages[-1].content, "the last message's content", param="messages")
         provider, model = self.router.route(model_id)
+        self.runner.check_room(model.id, provider.concurrency(model))
         message_id = new_id()
         job = ChatJob(
             self, message_id, message_id, provider, model, options, query=messages[-1].content, messages=messages

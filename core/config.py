@@ -84,7 +84,35 @@ class Settings:
         True,
         "local.prepare_bundled",
         "SWITCHBOARD_PREPARE_BUNDLED",
-        "Convert the bundled SmolLM2 into the cache at start-up.",
+        "With bundled_runtime = transformers: convert the bundled SmolLM2 into the cache at start-up.",
+    )
+    bundled_runtime: str = _setting(
+        "llama.cpp",
+        "local.bundled_runtime",
+        "SWITCHBOARD_BUNDLED_RUNTIME",
+        "How the bundled SmolLM2 runs: llama.cpp (its GGUF as shipped, no conversion) or transformers "
+        "(converted once into a bf16 safetensors directory; the runtime for CUDA).",
+    )
+    max_parallel: int = _setting(
+        0,
+        "local.max_parallel",
+        "SWITCHBOARD_MAX_PARALLEL",
+        "Streams one local model generates at once (0: from memory, at most 8). Others wait in its queue.",
+    )
+    queue_max: int = _setting(
+        64,
+        "local.queue_max",
+        "SWITCHBOARD_QUEUE_MAX",
+        "Requests that may wait for one model; past it a request is refused at once with queue_full.",
+    )
+    context_tokens: int = _setting(
+        4096,
+        "local.context_tokens",
+        "SWITCHBOARD_CONTEXT_TOKENS",
+        "Context of each llama.cpp stream, in tokens (at most the model's own); KV memory grows with it.",
+    )
+    threads: int = _setting(
+        0, "local.threads", "SWITCHBOARD_THREADS", "CPU threads of the llama.cpp runtime (0: one per core)."
     )
     ollama_host: str = _setting("http://127.0.0.1:11434", "ollama.host", "OLLAMA_HOST", "Ollama's address.")
     ollama_enabled: bool = _setting(True, "ollama.enabled", "SWITCHBOARD_OLLAMA", "Offer Ollama's models.")
@@ -360,6 +388,8 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
     settings.config_path = str(path)
     settings.connections = overrides.get("connections") or parse_connections(toml_data.get("model_names"))
     parse_bytes(settings.resource_budget)  # fail at start, not at the first switch
+    if settings.bundled_runtime not in ("llama.cpp", "transformers"):
+        raise BadRequest(f"setting bundled_runtime: {settings.bundled_runtime!r} is not llama.cpp or transformers")
     if settings.resource_policy not in ("exclusive", "budget", "keep"):
         raise BadRequest(f"setting resource_policy: {settings.resource_policy!r} is not exclusive, budget or keep")
     if settings.ollama_host and "://" not in settings.ollama_host:

@@ -76,6 +76,12 @@ class Busy(SwitchboardError):
     code, http_status = "busy", 409
 
 
+class QueueFull(SwitchboardError):
+    """Too many requests already wait for this model (local.queue_max); refused before anything is stored."""
+
+    code, http_status = "queue_full", 503
+
+
 class Unauthorized(SwitchboardError):
     code, http_status = "unauthorized", 401
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from core.admission import Admission
 from core.chat import ChatService
 from core.concurrency import start_os_thread
 from core.config import Settings, parse_bytes
@@ -18,7 +19,7 @@ from core.models.cache import ModelCache
 from core.models.downloads import DownloadManager
 from core.models.manager import ModelManager
 from core.providers.base import Provider
-from core.providers.local import LocalProvider
+from core.providers.local import LocalProvider, LocalRuntimes
 from core.registry import ModelRegistry
 from core.resources.manager import ResourceManager
 from core.router import Router
@@ -108,7 +109,17 @@ def build_services(
     """
     settings.data_path.mkdir(parents=True, exist_ok=True)
     cache = ModelCache(settings.model_path)
-    local = LocalProvider(cache, settings.local_device, park_in_ram=settings.park_in_ram)
+    local = LocalProvider(
+        cache,
+        runtimes=LocalRuntimes(
+            settings.local_device,
+            settings.park_in_ram,
+            settings.bundled_runtime,
+            settings.max_parallel,
+            settings.context_tokens,
+            settings.threads,
+        ),
+    )
     externals = external_providers(settings)
     registry = ModelRegistry([local, *externals])
     router = Router(registry)
@@ -117,7 +128,8 @@ def build_services(
     if interrupted:
         log.warning("event=history_repair messages_marked_incomplete=%d", interrupted)
     resources = build_resource_manager(settings, externals)
-    runner = JobRunner()  # one for chat and translation: they take turns on a local model
+    # One runner for chat and translation: they take turns on a local model.
+    runner = JobRunner(Admission(queue_max=settings.queue_max))
     knowledge = KnowledgeService(settings, resources=resources)
     chat = ChatService(store, router, settings, runner, knowledge=knowledge, resources=resources)
     translation = TranslationService(settings, router, local, runner, resources=resources)
@@ -130,7 +142,7 @@ def build_services(
     services = Services(
         settings, cache, local, registry, router, store, chat, resources, runner, models, knowledge, translation
     )
-    if start_background and settings.prepare_bundled:
+    if start_background and settings.prepare_bundled and local.needs_preparing():
 
         def prepare() -> None:
             try:

@@ -249,6 +249,7 @@ class TranslationService:
             if source == target:
                 raise BadRequest("source and target are the same language", param="source")
             job = self._plan(request_id, request.text.strip("\n"), source, target or "", request.model)
+            self.runner.check_room(job.admission_key, job.limit)
             self.runner.register(
                 job, lambda: BadRequest(f"request_id {request_id} is already translating", param="request_id")
             )
@@ -316,7 +317,7 @@ class TranslationService:
             hold_model,
             options,
             model.id,
-            provider.max_concurrency,
+            provider.concurrency(model),
         )
 
     # -- running ---------------------------------------------------------------------------------

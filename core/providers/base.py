@@ -89,6 +89,10 @@ class Provider(ABC):
         for piece in self.stream_chat(model, messages, options, cancel, result):
             emit(piece)
 
+    def concurrency(self, model: ModelInfo) -> int | None:
+        """How many streams `model` serves at once here (None: no limit); the rest wait in its queue."""
+        return self.max_concurrency
+
     def engine_for(self, model: ModelInfo) -> Any | None:
         """The in-process engine that serves `model` (blocking: may prepare files), or None if external."""
         return None
