@@ -92,7 +92,10 @@ def test_stop_ends_stream_within_a_token_or_two_as_cancelled_and_keeps_partial_a
     assert stored["content"] == partial and partial.startswith(before) and before
 
 
-def test_second_request_is_queued_in_arrival_order(server, client):
+def test_second_request_is_queued_in_arrival_order(make_server):
+    """With one stream per model (local.max_parallel = 1), a second request waits and is told its place."""
+    server = make_server(env={"SWITCHBOARD_MAX_PARALLEL": "1"})
+    client = EventClient(server.url)
     first = chat(client, STORY, LONG)
     client.wait_event("delta", chat_id=first, timeout=60)
     other = EventClient(server.url)
@@ -108,6 +111,7 @@ def test_second_request_is_queued_in_arrival_order(server, client):
         assert "Paris" in "".join(d["content"] for d in other.of("delta"))
     finally:
         other.close()
+        client.close()
 
 
 def test_second_chat_on_a_streaming_chat_is_busy(server, client):

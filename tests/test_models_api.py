@@ -349,7 +349,8 @@ def test_every_page_hears_when_the_bundled_model_is_ready(tmp_path: Path):
     `models` payload, so the page does not keep saying it until a reload."""
     from tests.helpers import BUNDLED_ID
 
-    with ServerProcess(tmp_path / "data", tmp_path / "fresh-models") as srv:
+    env = {"SWITCHBOARD_BUNDLED_RUNTIME": "transformers"}  # the runtime that needs the conversion
+    with ServerProcess(tmp_path / "data", tmp_path / "fresh-models", env=env) as srv:
         client = EventClient(srv.url)
         try:
             client.emit("list_models", {})

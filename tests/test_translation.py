@@ -75,7 +75,15 @@ def ollama():
 
 @pytest.fixture(scope="module")
 def tserver(model_dir, tmp_path_factory, ollama):
-    env = {"SWITCHBOARD_TRANSLATION_MAX_CHARS": str(MAX_CHARS), "OLLAMA_HOST": ollama.url}
+    # The transformers runtime, one stream at a time: translations must queue behind a chat on the
+    # same engine, and its bf16 model translates the greeting faithfully (the Q4_1 GGUF on llama.cpp
+    # turns "Good morning, my friend." into "Je m'aime.").
+    env = {
+        "SWITCHBOARD_TRANSLATION_MAX_CHARS": str(MAX_CHARS),
+        "OLLAMA_HOST": ollama.url,
+        "SWITCHBOARD_BUNDLED_RUNTIME": "transformers",
+        "SWITCHBOARD_MAX_PARALLEL": "1",
+    }
     with ServerProcess(tmp_path_factory.mktemp("tdata"), model_dir, env=env) as proc:
         yield proc
 
