@@ -1,12 +1,13 @@
 """What does streaming through the server cost? Local engine directly vs the same through Socket.IO.
 
-Runs (a) the bundled model straight from TransformersChatEngine and (b) the same prompt through a
-running `python run.py` with a python-socketio client, alternating, several rounds, in one run
+Runs (a) the bundled model straight from its engine (`--runtime`: llama.cpp, the default, or
+transformers) and (b) the same prompt through a running `python run.py` on the same runtime with a
+python-socketio client, alternating, several rounds, in one run
 (machines here are noisy, so only same-run ratios mean anything). Prints tokens/s of each, their
 ratio (goal >= 0.98) and the added time to first token (goal < 5 ms), which short alternating
 "probe" requests (same prompt, few tokens) pin down better than the long rounds alone.
 
-    .venv/bin/python benchmarks/stream_overhead.py [--rounds 5] [--tokens 128] [--probes 30]
+    .venv/bin/python benchmarks/stream_overhead.py [--rounds 5] [--tokens 128] [--probes 30] [--runtime R]
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import alternate, rate, report  # noqa: E402
 from core.concurrency import os_event  # noqa: E402
-from core.engines.chat import TransformersChatEngine  # noqa: E402
 from core.models.bundled import ensure_bundled_model  # noqa: E402
 from core.models.cache import ModelCache  # noqa: E402
 from core.models.catalog import BUNDLED_REPO  # noqa: E402
+from core.providers.local import LocalProvider, LocalRuntimes  # noqa: E402
 from core.types import ChatOptions, Message, StreamResult  # noqa: E402
 from tests.helpers import BUNDLED_ID, EventClient, ServerProcess  # noqa: E402
 
@@ -32,7 +34,7 @@ PROMPT = "Write a long story about a lighthouse keeper and a storm."
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "switchboard" / "test-models"
 
 
-def direct(engine: TransformersChatEngine, tokens: int) -> tuple[float, float]:
+def direct(engine: Any, tokens: int) -> tuple[float, float]:
     """(ttft_s, tokens_per_s) generating straight from the engine (its fastest path, no server)."""
     result = StreamResult()
     stamps: list[float] = []
@@ -70,13 +72,19 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=30, help="short request pairs for the TTFT figure")
     parser.add_argument("--probe-tokens", type=int, default=8)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--runtime", choices=["llama.cpp", "transformers"], default="llama.cpp")
     args = parser.parse_args()
     cache = ModelCache(args.model_dir)
-    ensure_bundled_model(cache)
-    engine = TransformersChatEngine(BUNDLED_REPO, cache.path_for(BUNDLED_REPO))
+    if args.runtime == "transformers":
+        ensure_bundled_model(cache)
+    # The very engine the server builds for the bundled model (same runtime, same parallel streams).
+    local = LocalProvider(cache, runtimes=LocalRuntimes(bundled_runtime=args.runtime))
+    model = next(m for m in local.list_models().models if m.native_name == BUNDLED_REPO)
+    engine = local.engine_for(model)
     engine.load()
     direct(engine, 8)  # warm-up
-    with tempfile.TemporaryDirectory() as data, ServerProcess(Path(data), args.model_dir) as server:
+    env = {"SWITCHBOARD_BUNDLED_RUNTIME": args.runtime}
+    with tempfile.TemporaryDirectory() as data, ServerProcess(Path(data), args.model_dir, env=env) as server:
         client = EventClient(server.url)
         through_server(client, 8)  # warm-up: loads the model in the server
         rows = alternate(
