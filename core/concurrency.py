@@ -16,6 +16,9 @@ they run in real OS threads. Measured traps, and the workaround for each:
   its own, whose epoll descriptor outlives the thread: `start_os_thread` closes it when the thread
   ends. (Reusing threads instead was measured to slow a local model's generation by ~40 % once one
   of them had made an HTTP call, so every blocking call gets a fresh thread.)
+- A library's module-level lock made at import time (pydantic's model-rebuild lock, taken when
+  two OS threads first validate an SDK's responses at once) is green: `use_real_module_locks`
+  swaps such locks for real ones once the libraries are imported.
 - Libraries that start helper threads from a loading thread (transformers' weight-loading pool,
   tqdm's monitor thread) get green threads there: `configure_library_threads` turns those off.
 - transformers' continuous-batching manager runs its loop in a thread of its own and talks to it
@@ -112,6 +115,51 @@ class _DaemonThreading:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._threading, name)
+
+
+#: Libraries whose module-level locks are taken from our OS threads.
+LIBRARIES_USED_OFF_THE_LOOP = (
+    "pydantic",
+    "openai",
+    "httpx",
+    "httpcore",
+    "anyio",
+    "requests",
+    "urllib3",
+    "huggingface_hub",
+    "tokenizers",
+    "transformers",
+    "safetensors",
+    "llama_cpp",
+)
+
+
+def use_real_module_locks(prefixes: tuple[str, ...] = LIBRARIES_USED_OFF_THE_LOOP) -> int:
+    """Replace the green Lock/RLock objects held in module globals of those libraries with real ones.
+
+    Idempotent and cheap (a walk over already-imported modules); call it after the libraries are
+    imported (the app factory, and after an engine loads one lazily). Returns how many were swapped.
+    """
+    if not _eventlet_patched():
+        return 0
+    green_lock = sys.modules["eventlet.semaphore"].Semaphore
+    py_rlock = _std_threading._RLock  # what threading.RLock() builds once `_thread` is green
+    real = _original("threading")
+    swapped = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(prefixes):
+            continue
+        for attr, value in list(getattr(module, "__dict__", {}).items()):
+            if isinstance(value, green_lock):
+                setattr(module, attr, real.Lock())
+            elif type(value) is py_rlock and isinstance(getattr(value, "_block", None), green_lock):
+                setattr(module, attr, real.RLock())
+            else:
+                continue
+            swapped += 1
+    if swapped:
+        log.debug("event=real_module_locks swapped=%d", swapped)
+    return swapped
 
 
 def use_real_locks_for_logging() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flask import Flask
 
+from core.concurrency import use_real_module_locks
 from core.config import Settings, load_settings
 from core.services import build_services
 
@@ -65,4 +66,5 @@ def create_app(
     register_error_handlers(app)
     streaming.unbuffer_sse(app)  # outermost WSGI layer: SSE chunks leave eventlet as they are made
     resources_api.enable_status_broadcast(app)
+    use_real_module_locks()  # every library the server imports up front is loaded by now
     return app

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from core.concurrency import os_lock
+from core.concurrency import os_lock, use_real_module_locks
 from core.engines.device import module_bytes, pick_device, release_memory, weights_on_disk
 from core.errors import ModelUnavailable, SwitchboardError
 
@@ -117,6 +117,7 @@ class Engine(ABC):
             self.loaded_bytes = self.weights_bytes(weights)
             self.load_seconds = time.monotonic() - started
             self.state = LOADED
+        use_real_module_locks()  # the runtime's libraries may have been imported just now
         log.debug(
             "event=engine_ready role=%s model=%s device=%s dtype=%s took_ms=%d bytes=%d",
             self.role,
