@@ -9,6 +9,8 @@ the answer (complete, cancelled, incomplete or error) in SQLite.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
@@ -26,6 +28,13 @@ from core.types import ChatOptions, Message, ModelInfo
 
 log = logging.getLogger(__name__)
 
+#: A streaming answer is written to SQLite at most this often (and on its first piece), so a crash
+#: loses at most this much of what the user saw, for one short UPDATE per stream per interval.
+SAVE_EVERY_S = 0.5
+#: While a knowledge chat waits for documents being indexed: how often it looks, and tells the client.
+WAIT_POLL_S = 0.2
+WAIT_NOTICE_EVERY_S = 1.0
+
 
 class KnowledgeAugmenter(Protocol):
     """Adds retrieved document excerpts to a prompt (the knowledge engine implements this)."""
@@ -36,6 +45,10 @@ class KnowledgeAugmenter(Protocol):
 
     def lease(self, reason: str) -> AbstractContextManager[Any]:
         """Hold the embedding engine (through the resource manager) while searching."""
+        ...
+
+    def indexing(self, collection: str | None = None) -> list[dict]:
+        """Documents still being indexed: {id, name, done, total}."""
         ...
 
 
@@ -70,6 +83,8 @@ class ChatJob(StreamJob):
         self.pieces_sent = 0  # `index` of the next delta/reasoning event
         self.parts: dict[str, list[str]] = {"content": [], "reasoning": []}
         self._splitter = ThinkSplitter()
+        self._saved_at = 0.0  # time.monotonic() of the last partial save
+        self._save_timer: threading.Timer | None = None
 
     @property
     def stored(self) -> bool:
@@ -99,13 +114,36 @@ class ChatJob(StreamJob):
             messages = list(self.messages or [])
         if self.knowledge and service.knowledge is not None:
             collection = self.knowledge if isinstance(self.knowledge, str) else None
+            still_indexing = self._wait_for_indexing(service.knowledge, collection, sink)
             with service.knowledge.lease(f"chat:{self.chat_id[:8]}"):
                 messages, sources = run_blocking(
                     service.knowledge.augment, messages, self.query, collection, self.model
                 )
             self.citations = sources
-            sink.emit("citations", {**self.ids, "sources": sources})
-        self.prompt = self.provider.fit_context(self.model, messages, self.options.max_new_tokens)
+            sink.emit("citations", {**self.ids, "sources": sources, "indexing": len(still_indexing)})
+        max_new = self.options.max_new_tokens
+        if self.provider.fits_at_a_glance(self.model, messages, max_new):
+            self.prompt = self.provider.fit_context(self.model, messages, max_new)
+        else:  # tokenizing and templating a long conversation must not stall other clients
+            self.prompt = run_blocking(self.provider.fit_context, self.model, messages, max_new)
+
+    def _wait_for_indexing(self, knowledge: KnowledgeAugmenter, collection: str | None, sink: Sink) -> list[dict]:
+        """A question asked right after an upload is about that document: wait (bounded by
+        `knowledge.wait_s`, stoppable) until the collection's documents are indexed, telling the client
+        with `knowledge_waiting` events. Returns the documents still not indexed when the wait ended."""
+        pending = knowledge.indexing(collection)
+        deadline = time.monotonic() + self.service.settings.knowledge_wait_s
+        told: list[dict] | None = None
+        told_at = 0.0
+        while pending and time.monotonic() < deadline and not self.cancel.is_set():
+            if pending != told and time.monotonic() - told_at >= WAIT_NOTICE_EVERY_S:
+                sink.emit("knowledge_waiting", {**self.ids, "documents": pending})
+                told, told_at = pending, time.monotonic()
+            time.sleep(WAIT_POLL_S)  # a green sleep under eventlet: other clients go on
+            pending = knowledge.indexing(collection)
+        if pending:
+            log.warning("event=knowledge_wait_ended chat=%s still_indexing=%d", self.chat_id, len(pending))
+        return pending
 
     def claim(self) -> AbstractContextManager[Any]:
         resources = self.service.resources
@@ -139,7 +177,42 @@ class ChatJob(StreamJob):
                 "delta" if kind == "content" else "reasoning", {**self.ids, "content": text, "index": self.pieces_sent}
             )
             self.pieces_sent += 1
+        if merged and self.stored:
+            self._save_soon()
         return bool(merged)
+
+    def _save_soon(self) -> None:
+        """Store the text so far now if the last save is SAVE_EVERY_S old, else once it is (a timer:
+        a stream that pauses after a piece must not keep that piece unsaved)."""
+        wait = self._saved_at + SAVE_EVERY_S - time.monotonic()
+        if wait <= 0:
+            self._save_partial()
+        elif self._save_timer is None:
+            self._save_timer = threading.Timer(wait, self._save_partial)
+            self._save_timer.daemon = True
+            self._save_timer.start()
+
+    def _save_partial(self) -> None:
+        self._save_timer = None
+        self._saved_at = time.monotonic()
+        self.service.store.save_partial(self.message_id, self.text("content"), self.text("reasoning") or None)
+
+    def text(self, kind: str) -> str:
+        """The answer's content (or reasoning) delivered so far."""
+        return "".join(self.parts[kind])
+
+    def snapshot(self) -> dict:
+        """What a client joining this running answer needs before the live pieces: the text so far
+        and the `index` the next piece will carry."""
+        return {
+            **self.ids,
+            "model": self.model.id,
+            "streaming": True,
+            "content": self.text("content"),
+            "reasoning": self.text("reasoning") or None,
+            "citations": self.citations,
+            "next_index": self.pieces_sent,
+        }
 
     def finish(self, sink: Sink) -> None:
         result = self.result
@@ -148,12 +221,12 @@ class ChatJob(StreamJob):
             status = "cancelled" if result.finish_reason == "cancelled" else "complete"
             self.service.store.finish_message(
                 self.message_id,
-                content="".join(self.parts["content"]),
+                content=self.text("content"),
                 status=status,
                 finish_reason=result.finish_reason,
                 usage=result.usage.to_dict(),
                 timings=timings,
-                reasoning="".join(self.parts["reasoning"]) or None,
+                reasoning=self.text("reasoning") or None,
                 citations=self.citations,
             )
         sink.emit(
@@ -172,14 +245,14 @@ class ChatJob(StreamJob):
         )
 
     def fail(self, error: SwitchboardError, sink: Sink) -> None:
-        text = "".join(self.parts["content"])
+        text = self.text("content")
         if self.stored:
             self.service.store.finish_message(
                 self.message_id,
                 content=text,
                 status="incomplete" if text else "error",
                 error_code=error.code,
-                reasoning="".join(self.parts["reasoning"]) or None,
+                reasoning=self.text("reasoning") or None,
                 citations=self.citations,
             )
         log.error(
@@ -253,8 +326,22 @@ class ChatService:
         return job
 
     def accept_stateless(self, model_id: str, messages: list[Message], options: ChatOptions) -> ChatJob:
-        """A request that brings its own conversation (the /v1 API): routed and admitted, never stored."""
+        """A request that brings its own conversation (the /v1 API): routed and admitted, never stored.
+
+        Its size is bounded here, before any costly work: the message count and the characters of all
+        messages together; whether it fits the model's context is judged (off the loop) when it runs."""
         self._check_content(messages[-1].content, "the last message's content", param="messages")
+        if len(messages) > self.settings.api_max_messages:
+            raise TooLong(
+                f"the request has {len(messages)} messages; the limit is {self.settings.api_max_messages}",
+                param="messages",
+            )
+        chars = sum(len(m.content) for m in messages)
+        if chars > self.settings.api_max_prompt_chars:
+            raise TooLong(
+                f"the messages hold {chars} characters together; the limit is {self.settings.api_max_prompt_chars}",
+                param="messages",
+            )
         provider, model = self.router.route(model_id)
         self.runner.check_room(model.id, provider.concurrency(model))
         message_id = new_id()
@@ -272,6 +359,21 @@ class ChatService:
     def run(self, job: ChatJob, sink: Sink) -> None:
         """Stream the answer of an accepted job to `sink`; always ends with `done` or an error."""
         self.runner.run(job, sink)
+
+    def join(self, chat_id: Any, sink: Sink) -> None:
+        """Send `sink` a `joined` event for the chat: a running answer's text so far, after which the
+        sink gets that answer's live events; or, when none runs, the chat's last answer as stored."""
+        if not isinstance(chat_id, str) or not self.store.chat_exists(chat_id):
+            raise NotFound(f"chat {chat_id!r} does not exist")
+        job = self.runner.get(ChatJob.kind, chat_id)
+        if isinstance(job, ChatJob) and job.stored and not job.ending:
+            # No yield between the snapshot and joining the audience: the next piece goes to the sink.
+            sink.emit("joined", job.snapshot())
+            job.audience.add(sink)
+            log.info("event=chat_joined chat=%s message=%s next_index=%d", chat_id, job.message_id, job.pieces_sent)
+            return
+        answers = [m for m in self.store.messages(chat_id) if m["role"] == "assistant"]
+        sink.emit("joined", {"chat_id": chat_id, "streaming": False, "message": answers[-1] if answers else None})
 
     def is_answering(self, chat_id: str) -> bool:
         return self.runner.is_running(ChatJob.kind, chat_id)

@@ -70,6 +70,25 @@ class Settings:
         "SWITCHBOARD_MAX_CONTENT_CHARS",
         "Longest accepted user message, in characters (longer: too_long).",
     )
+    orphan_grace_s: float = _setting(
+        10.0,
+        "chat.orphan_grace_s",
+        "SWITCHBOARD_ORPHAN_GRACE_S",
+        "Seconds a Socket.IO answer keeps generating after its client left, for a reloaded page to join "
+        "it; then it is stopped (its text so far stored as cancelled).",
+    )
+    api_max_messages: int = _setting(
+        1024,
+        "chat.api_max_messages",
+        "SWITCHBOARD_API_MAX_MESSAGES",
+        "Most messages one /v1 request may carry (more: too_long).",
+    )
+    api_max_prompt_chars: int = _setting(
+        1_000_000,
+        "chat.api_max_prompt_chars",
+        "SWITCHBOARD_API_MAX_PROMPT_CHARS",
+        "Most characters all messages of one /v1 request may hold together (more: too_long, at once).",
+    )
     max_new_tokens: int = _setting(
         512, "chat.max_new_tokens", "SWITCHBOARD_MAX_NEW_TOKENS", "Default answer length limit in tokens."
     )
@@ -187,6 +206,12 @@ class Settings:
         "models.endpoints",
         "SWITCHBOARD_HF_ENDPOINTS",
         "Hub endpoints tried in order (comma-separated in env).",
+    )
+    knowledge_wait_s: float = _setting(
+        60.0,
+        "knowledge.wait_s",
+        "SWITCHBOARD_KNOWLEDGE_WAIT_S",
+        "How long a knowledge chat waits for documents of its collection that are still being indexed.",
     )
     knowledge_device: str = _setting(
         "cpu",

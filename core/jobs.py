@@ -34,11 +34,45 @@ COALESCE_S = 0.02
 
 
 class Sink(Protocol):
-    """Where a job's events go. `fail` gets the typed error; each surface renders it its own way."""
+    """Where a job's events go. `fail` gets the typed error; each surface renders it its own way.
+
+    A sink may name the connected client it delivers to (`client`, e.g. a Socket.IO session id): a
+    job whose every client has gone can then be cancelled (`JobRunner.client_left`).
+    """
 
     def emit(self, event: str, payload: dict) -> None: ...
 
     def fail(self, error: SwitchboardError, about: dict) -> None: ...
+
+
+class Audience:
+    """Every sink a job's events go to: the one that asked, then any that joined a running job."""
+
+    def __init__(self) -> None:
+        self.sinks: list[Sink] = []
+        self.had_clients = False  # a client-bound sink was here once (only such jobs can be orphaned)
+
+    def add(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+        self.had_clients = self.had_clients or getattr(sink, "client", None) is not None
+
+    def drop_client(self, client: str) -> bool:
+        """Forget the sinks of `client`; True when that left the job with nobody to deliver to."""
+        before = len(self.sinks)
+        self.sinks = [s for s in self.sinks if getattr(s, "client", None) != client]
+        return before != len(self.sinks) and not self.sinks
+
+    @property
+    def orphaned(self) -> bool:
+        return self.had_clients and not self.sinks
+
+    def emit(self, event: str, payload: dict) -> None:
+        for sink in list(self.sinks):
+            sink.emit(event, payload)
+
+    def fail(self, error: SwitchboardError, about: dict) -> None:
+        for sink in list(self.sinks):
+            sink.fail(error, about)
 
 
 @dataclass
@@ -78,6 +112,8 @@ class StreamJob(ABC):
         self.cancel = os_event()
         self.timings = Timings()
         self.result = StreamResult()
+        self.audience = Audience()
+        self.ending = False  # set when the job starts its final event: too late to join it
 
     def announce(self, sink: Sink) -> None:
         """The first event of the job (e.g. `chat_started`), before it waits for its turn."""
@@ -153,8 +189,25 @@ class JobRunner:
         log.info("event=job_stop kind=%s key=%s", kind, key)
         return True
 
+    def client_left(self, client: str) -> list[StreamJob]:
+        """A connected client went away: the running jobs it alone was receiving (now orphaned)."""
+        with self._lock:
+            jobs = list(self.active.values())
+        return [job for job in jobs if job.audience.drop_client(client)]
+
+    def cancel_if_orphaned(self, job: StreamJob) -> bool:
+        """Stop `job` when still nobody receives it (called a grace period after `client_left`, so a
+        page that reloads can join its answer first). The partial result is kept, as after a stop."""
+        if self.active.get((job.kind, job.key)) is not job or not job.audience.orphaned:
+            return False
+        job.cancel.set()
+        log.info("event=job_orphaned kind=%s key=%s note=its client left and nobody joined", job.kind, job.key)
+        return True
+
     def run(self, job: StreamJob, sink: Sink) -> None:
         """Run `job` to its end; its sink always gets exactly one final event (finish or fail)."""
+        job.audience.add(sink)
+        sink = job.audience
         try:
             job.announce(sink)
             admitted = self.admission.acquire(
@@ -170,11 +223,13 @@ class JobRunner:
                     self.admission.release(job.admission_key, job.limit)
             if job.cancel.is_set():
                 job.result.finish_reason = "cancelled"
+            job.ending = True
             job.finish(sink)
         except Exception as exc:
             if not isinstance(exc, SwitchboardError):
                 log.exception("event=job_crashed kind=%s key=%s", job.kind, job.key)
             job.flush(sink)
+            job.ending = True
             job.fail(as_switchboard_error(exc, f"the {job.kind} job"), sink)
         finally:
             self.forget(job)

@@ -175,6 +175,13 @@ class ChatStore:
             ),
         )
 
+    def save_partial(self, message_id: str, content: str, reasoning: str | None = None) -> None:
+        """Store the text of an answer still streaming, so a crash keeps what the user already saw."""
+        self._run(
+            "UPDATE messages SET content=?, reasoning=? WHERE id=? AND status='streaming'",
+            (content, reasoning, message_id),
+        )
+
     def messages(self, chat_id: str) -> list[dict]:
         """Every message of a chat in order, each marked with whether it is still in the context."""
         chat = self._run("SELECT context_from FROM chats WHERE id=?", (chat_id,))

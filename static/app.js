@@ -147,12 +147,23 @@
         const node = messageNode(m.role, m.content, { id: m.id, status: m.status, inContext: m.in_context, model: m.model, reasoning: m.reasoning });
         if (m.role === "assistant" && m.finish_reason) node.appendChild(el("div", "meta", metaText(m)));
         ui.messages.appendChild(node);
+        if (m.role === "assistant" && m.status === "streaming" && i === msgs.length - 1 && !s) resumeStream(m, node);
       }
       if (i === lastOut) ui.messages.appendChild(divider());
     });
     if (s && s.bubble && s.chatId === state.chatId) ui.messages.appendChild(s.bubble);
     ui.title.textContent = (data && data.chat && data.chat.title) || "Untitled chat";
     scrollDown();
+  }
+
+  // An answer still being generated (the page was reloaded, or the connection came back): join it.
+  // The server answers `joined` with the text so far, then sends its live events to this page too.
+  function resumeStream(m, node) {
+    node.classList.add("streaming");
+    state.stream = { chatId: state.chatId, messageId: m.id, text: m.content || "", bubble: node,
+                     started: true, joining: true, nextIndex: 0 };
+    updateControls();
+    socket.emit("join", { chat_id: state.chatId });
   }
 
   // ---------- controls ----------
@@ -342,10 +353,9 @@
   socket.on("disconnect", () => {
     setConn("disconnected", "disconnected");
     const s = state.stream;
-    if (s) {
-      if (s.bubble) setBadge(s.bubble, "incomplete");
+    if (s) {                                 // the server keeps answering a while: on reconnect we join it again
       endStream();
-      showError({ code: "disconnected", message: "Connection lost while answering; reopen the chat to see what was stored." });
+      showError({ code: "disconnected", message: "Connection lost while answering; the answer is picked up again when the connection returns." });
     }
   });
   socket.io.on("reconnect_attempt", () => setConn("reconnecting…", "reconnecting"));
@@ -373,6 +383,28 @@
     updateControls();
     loadChats();
   });
+  socket.on("joined", (d) => {
+    const s = state.stream;
+    if (!s || !s.joining || s.chatId !== d.chat_id) return;
+    s.joining = false;
+    if (!d.streaming) {                      // it ended meanwhile: show it as stored
+      const m = d.message || {};
+      s.text = m.content || s.text;
+      if (s.bubble && m.finish_reason) s.bubble.appendChild(el("div", "meta", metaText(m)));
+      if (s.bubble && m.status) setBadge(s.bubble, m.status);
+      endStream();
+      loadChats();
+      return;
+    }
+    Object.assign(s, { messageId: d.message_id, text: d.content || "", nextIndex: d.next_index || 0 });
+    if (d.reasoning && s.bubble) {
+      let box = s.bubble.querySelector(".reasoning");
+      if (!box) box = s.bubble.insertBefore(reasoningNode(""), s.bubble.querySelector(".content"));
+      box.querySelector(".reasoning-text").textContent = d.reasoning;
+    }
+    if (state.chatId === s.chatId) setStreamStatus(d.content ? null : "thinking…");
+    scheduleRender(s);
+  });
   socket.on("queued", (d) => {
     const s = state.stream;
     if (s && (!s.chatId || s.chatId === d.chat_id) && state.chatId === s.chatId) {
@@ -381,7 +413,7 @@
   });
   socket.on("reasoning", (d) => {          // shown collapsed above the answer
     const s = state.stream;
-    if (!s || !s.bubble || d.message_id !== s.messageId) return;
+    if (!s || !s.bubble || d.message_id !== s.messageId || s.joining || d.index < (s.nextIndex || 0)) return;
     let box = s.bubble.querySelector(".reasoning");
     if (!box) box = s.bubble.insertBefore(reasoningNode(""), s.bubble.querySelector(".content"));
     box.querySelector(".reasoning-text").textContent += d.content || "";
@@ -389,6 +421,7 @@
   socket.on("delta", (d) => {
     const s = state.stream;
     if (!s || !s.bubble || (d.message_id !== s.messageId && d.chat_id !== s.chatId)) return;
+    if (s.joining || d.index < (s.nextIndex || 0)) return;   // before `joined`: its text already holds it
     if (!s.text) setStreamStatus(null);
     s.text += d.content || "";
     scheduleRender(s);
@@ -456,6 +489,7 @@
   window.Switchboard = {
     socket: socket, state: state, api: api, postJSON: postJSON, renderMarkdown: renderMarkdown,
     openChat: openChat, newChat: newChat, loadChats: loadChats, refreshModels: refreshModels,
+    setStreamStatus: setStreamStatus,
     /** Registers fn(payload), called with each chat payload before it is sent (may add fields). */
     onChatPayload(fn) { payloadHooks.push(fn); },
     /** Registers fn(messages), called with a chat's stored messages each time its history is drawn. */

@@ -26,6 +26,7 @@
 
   // ---------- citations under the answer ----------
   const citations = {};                       // message id -> sources (kept for re-renders of the chat)
+  const stillIndexing = {};                   // message id -> documents not yet indexed when it was asked
   const messages = document.getElementById("messages");
   function citationBlock(sources) {
     const block = el("div", "citations");
@@ -53,6 +54,9 @@
     const sources = citations[bubble.dataset.messageId];
     if (!sources || bubble.querySelector(".citations")) return;
     const block = citationBlock(sources);
+    const pending = stillIndexing[bubble.dataset.messageId];
+    if (pending) block.append(el("div", "citations-none", pending + (pending === 1 ? " document was" : " documents were") +
+                                  " still being indexed and not searched."));
     const meta = bubble.querySelector(".meta");
     if (meta) bubble.insertBefore(block, meta); else bubble.append(block);
   }
@@ -68,7 +72,15 @@
   socket.on("citations", (d) => {
     if (!d || !d.message_id) return;
     citations[d.message_id] = Array.isArray(d.sources) ? d.sources : [];
+    if (d.indexing) stillIndexing[d.message_id] = d.indexing;
     attachAll();
+  });
+  socket.on("knowledge_waiting", (d) => {     // asked right after an upload: the answer waits for the index
+    const s = SB.state.stream;
+    if (!d || !s || s.chatId !== d.chat_id || SB.state.chatId !== d.chat_id) return;
+    const docs = Array.isArray(d.documents) ? d.documents : [];
+    const names = docs.map((doc) => doc.name + (doc.total ? " " + doc.done + "/" + doc.total : "")).join(", ");
+    SB.setStreamStatus("waiting for " + (names || "documents") + " to be indexed…");
   });
   if (messages) new MutationObserver(attachAll).observe(messages, { childList: true });
 

@@ -158,3 +158,27 @@ def test_knowledge_upload_citations_survive_a_reload_and_translate(page):
     )
     assert "error" not in page.locator(".tr-status").inner_text()
     assert page.foreign_requests == []
+
+
+def test_reloading_during_an_answer_keeps_streaming_it_in_the_same_bubble(page, server):
+    page.select_option("#model-select", BUNDLED_ID)
+    send(page, "Write a very long story about a dragon who bakes bread.")
+    bubble = ".message.assistant.streaming .content"
+    page.wait_for_function(f"(document.querySelector('{bubble}') || {{}}).innerText?.length > 40", timeout=60000)
+    before = page.locator(bubble).inner_text()
+    page.reload()
+    # The chat reopens from the address, its answer still streaming: the page joins it and keeps
+    # painting the same bubble (text so far first, then the live pieces), with Stop available.
+    page.wait_for_function(
+        f"(document.querySelector('{bubble}') || {{}}).innerText?.length > {len(before) + 20}", timeout=60000
+    )
+    assert page.locator(".message.assistant").count() == 1, "one bubble for the answer, not a second"
+    page.click("#stop")  # the joined answer is ours to stop, like any other
+    wait_idle(page, timeout=30000)
+    final = page.locator(".message.assistant .content").last.inner_text()
+    assert final.startswith(before[:30]) and len(final) > len(before) + 20, (before, final)
+    assert page.locator(".error").count() == 0, page.locator(".error").all_inner_texts()
+    chat_id = page.evaluate("decodeURIComponent(location.hash.slice(1))")
+    stored = server.get(f"/api/chats/{chat_id}").json()["messages"][-1]
+    assert stored["status"] == "cancelled" and stored["content"].startswith(before[:30])
+    assert page.locator(".message.assistant .badge-cancelled").count() == 1

@@ -390,6 +390,25 @@ def test_indexing_reports_progress_and_does_not_block_other_clients(kserver, kcl
     assert answered, "/healthz was asked (and answered) while the document indexed"
 
 
+@pytest.mark.slow
+def test_a_question_asked_right_after_an_upload_waits_for_its_document(kserver):
+    """The upload answers 202 and indexes in the background; the chat sent at once waits for it
+    (telling the page with `knowledge_waiting`) and cites it, instead of answering without it."""
+    fact = "The Varrow lantern regatta is won by whoever rows a copper lantern to Gull Rock; this year Tobias Penhallow won."
+    filler = "\n".join(f"Log {i}: the harbour crane lifted {i * 7} sacks of barley at dawn." for i in range(400))
+    client = EventClient(kserver.url, events=(*EVENTS, "knowledge_waiting"))
+    try:
+        response = upload(kserver, "varrow-regatta.txt", f"{fact}\n{filler}".encode(), wait=False)
+        assert response.status_code == 202, response.text
+        citations, done = ask(client, BUNDLED_ID, "Who won the Varrow lantern regatta?")
+        waiting = client.of("knowledge_waiting", done["chat_id"])
+    finally:
+        client.close()
+    assert waiting and waiting[0]["documents"][0]["name"] == "varrow-regatta.txt", "the page was told why it waits"
+    assert citations["sources"] and citations["sources"][0]["document"] == "varrow-regatta.txt", citations
+    assert citations["indexing"] == 0
+
+
 # -- an embedding model that cannot be loaded -------------------------------------------------------
 @pytest.fixture(scope="module")
 def broken_embedder(tmp_path_factory) -> Path:

@@ -34,6 +34,7 @@ class SocketSink:
 
     def __init__(self, sid: str) -> None:
         self.sid = sid
+        self.client = sid  # the job runner cancels a job whose clients all left (core.jobs.Audience)
 
     def emit(self, event: str, payload: dict) -> None:
         socketio.emit(event, payload, to=self.sid)

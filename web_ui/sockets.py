@@ -70,6 +70,29 @@ def on_chat(data: Any) -> None:
     run_in_background(lambda: chat.run(job, sink))
 
 
+@handler("join")
+def on_join(data: Any) -> None:
+    """A (re)connected client takes up a chat: the answer so far, then its live events."""
+    services().chat.join(_chat_id_of(data), SocketSink(request.sid))
+
+
+def on_disconnect(*_reason: Any) -> None:
+    """Jobs only this client received keep going for a grace period (a reloading page joins them
+    again), then stop, their text so far stored as cancelled."""
+    svc = services()
+    orphans = svc.runner.client_left(request.sid)
+    if not orphans:
+        return
+    grace = svc.settings.orphan_grace_s
+
+    def cancel_later() -> None:
+        socketio.sleep(grace)
+        for job in orphans:
+            svc.runner.cancel_if_orphaned(job)
+
+    run_in_background(cancel_later)
+
+
 @handler("stop")
 def on_stop(data: Any) -> None:
     services().chat.stop(_chat_id_of(data))
@@ -113,9 +136,11 @@ def init_socketio(sio: SocketIO) -> None:
     """Register the chat and model-selection handlers on `sio`."""
     for event, fn in (
         ("chat", on_chat),
+        ("join", on_join),
         ("stop", on_stop),
         ("reset", on_reset),
         ("list_models", on_list_models),
         ("select_model", on_select_model),
     ):
         sio.on_event(event, fn)
+    sio.on_event("disconnect", on_disconnect)

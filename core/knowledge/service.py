@@ -304,6 +304,16 @@ class KnowledgeService:
         return {**public_document(row), "status": "deleted"}
 
     # -- retrieval -------------------------------------------------------------------------------
+    def indexing(self, collection: str | None = None) -> list[dict]:
+        """Documents still being indexed (in `collection`, or in any when None): {id, name, done, total}."""
+        with self._lock:
+            jobs = [j for j in self.jobs.values() if j.status == "indexing"]
+        return [
+            {"id": j.id, "name": j.extracted.name, "done": j.done, "total": j.total}
+            for j in jobs
+            if collection is None or j.collection == collection
+        ]
+
     def search(self, query: str, k: int | None = None, collection: str | None = None) -> list[Hit]:
         """The top-k chunks for `query` by cosine similarity, best first, no threshold (blocking)."""
         k = k or self.settings.knowledge_top_k

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.concurrency import run_blocking
+from core.errors import TooLong
 from core.types import CancelToken, ChatOptions, Message, ModelInfo, StreamResult
 
 # Rough characters-per-token ratio used when a backend offers no tokenizer.
@@ -117,22 +118,55 @@ class Provider(ABC):
         """Tokens the messages take in the model's context; an estimate unless overridden."""
         return sum(len(m.content) // APPROX_CHARS_PER_TOKEN + 4 for m in messages)
 
-    def fit_context(self, model: ModelInfo, messages: list[Message], max_new_tokens: int) -> list[Message]:
-        """Drop the oldest turns (keeping system prompts and the last message) until the prompt fits."""
+    def fits_at_a_glance(self, model: ModelInfo, messages: list[Message], max_new_tokens: int) -> bool:
+        """True when the prompt surely fits, judged from its bytes alone (no tokenizer, cheap).
+
+        Every token covers at least one UTF-8 byte (byte-level BPE, SentencePiece byte fallback), so a
+        prompt whose bytes plus a generous template allowance fit needs no tokenizer pass."""
         budget = max(model.context_length - max_new_tokens, 1)
+        upper_bound = sum(len(m.content.encode("utf-8", "replace")) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages)
+        return upper_bound + TEMPLATE_TOKENS_FIXED <= budget
+
+    def fit_context(self, model: ModelInfo, messages: list[Message], max_new_tokens: int) -> list[Message]:
+        """Drop the oldest turns (keeping system prompts and the last message) until the prompt fits.
+
+        TooLong when the system prompts and the last message alone cannot fit. Each message is
+        tokenized once (not the whole prompt once per dropped turn), but that is still costly work:
+        callers on the event loop run it in an OS thread unless `fits_at_a_glance`.
+        """
         system = [m for m in messages if m.role == "system"]
         turns = [m for m in messages if m.role != "system"]
-        # Every token covers at least one UTF-8 byte (byte-level BPE, SentencePiece byte fallback), so
-        # a prompt whose bytes plus a generous template allowance fit needs no tokenizer pass.
-        upper_bound = sum(len(m.content.encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages)
-        if upper_bound + TEMPLATE_TOKENS_FIXED <= budget:
+        if self.fits_at_a_glance(model, messages, max_new_tokens):
             return system + turns
-        while len(turns) > 1 and self.count_tokens(model, system + turns) > budget:
-            turns.pop(0)
-            # Never start the context on an assistant turn.
-            while len(turns) > 1 and turns[0].role == "assistant":
-                turns.pop(0)
-        return system + turns
+        budget = max(model.context_length - max_new_tokens, 1)
+        fixed = self.count_tokens(model, system + turns[-1:])
+        if fixed > budget:
+            raise TooLong(
+                f"the system prompt and the last message take {fixed} tokens; {model.id} has room for "
+                f"{budget} (a context of {model.context_length} less {max_new_tokens} for the answer)",
+                param="messages",
+            )
+        empty: dict[str, int] = {}  # the template's own tokens around an empty message, per role
+
+        def cost(message: Message) -> int:
+            if message.role not in empty:
+                empty[message.role] = self.count_tokens(model, [Message(message.role, "")])
+            return max(self.count_tokens(model, [message]) - empty[message.role], 1)
+
+        kept: list[Message] = []
+        used = fixed
+        for message in reversed(turns[:-1]):
+            used += cost(message)
+            if used > budget:
+                break
+            kept.insert(0, message)
+        while True:
+            while kept and kept[0].role == "assistant":  # never start the context on an assistant turn
+                kept.pop(0)
+            prompt = system + kept + turns[-1:]
+            if not kept or self.count_tokens(model, prompt) <= budget:
+                return prompt
+            kept.pop(0)  # the per-message estimate was short (templates differ): drop one more
 
 
 def resolve_engine(provider: Provider, model: ModelInfo) -> Any | None:
