@@ -394,7 +394,7 @@ def test_indexing_reports_progress_and_does_not_block_other_clients(kserver, kcl
 def test_a_question_asked_right_after_an_upload_waits_for_its_document(kserver):
     """The upload answers 202 and indexes in the background; the chat sent at once waits for it
     (telling the page with `knowledge_waiting`) and cites it, instead of answering without it."""
-    fact = "The Varrow lantern regatta is won by whoever rows a copper lantern to Gull Rock; this year Tobias Penhallow won."
+    fact = "The Varrow lantern regatta is won by rowing a copper lantern to Gull Rock; this year Tobias Penhallow won."
     filler = "\n".join(f"Log {i}: the harbour crane lifted {i * 7} sacks of barley at dawn." for i in range(400))
     client = EventClient(kserver.url, events=(*EVENTS, "knowledge_waiting"))
     try:
