@@ -2,7 +2,8 @@
 from CPU RAM (CUDA only, `park_in_ram`), memory before/after/freed, and RSS drift over many cycles.
 
 Runs for the bundled model and for every other catalog model that is ready in the cache. Figures are
-printed as ratios against the first load measured in the same run (machines here are noisy).
+printed as ratios against the first load measured in the same run (machines here are noisy). Then
+benchmarks/switch_runtimes.py: switches away from and back to models held by other runtimes.
 
     .venv/bin/python benchmarks/switch.py [--cycles 50] [--model-dir DIR]
 """
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=50)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-runtimes", action="store_true", help="leave out the other runtimes' switches")
     args = parser.parse_args()
     cache = ModelCache(args.model_dir)
     ensure_bundled_model(cache)
@@ -108,6 +110,10 @@ def main() -> None:
             bench_model(cache, entry.repo_id, args.cycles, device)
         else:
             print(f"\n== {entry.repo_id}: not in the cache, skipped")
+    if not args.skip_runtimes:
+        from benchmarks import switch_runtimes
+
+        switch_runtimes.main(args.model_dir)
 
 
 if __name__ == "__main__":

@@ -145,11 +145,15 @@ class ChatJob(StreamJob):
             log.warning("event=knowledge_wait_ended chat=%s still_indexing=%d", self.chat_id, len(pending))
         return pending
 
-    def claim(self) -> AbstractContextManager[Any]:
+    def claim(self, sink: Sink) -> AbstractContextManager[Any]:
         resources = self.service.resources
         if resources is None:
             return nullcontext()
-        return resources.claim(self.provider, self.model, f"chat:{self.chat_id[:8]}")
+
+        def loading(progress: dict) -> None:  # freeing, loading, waking, waiting: shown in the pending answer
+            sink.emit("model_loading", {**self.ids, "model": self.model.id, **progress})
+
+        return resources.claim(self.provider, self.model, f"chat:{self.chat_id[:8]}", notify=loading)
 
     def produce(self, emit: Callable[[Any], None]) -> None:
         self.provider.push_chat(self.model, self.prompt, self.options, self.cancel, self.result, emit)
@@ -306,6 +310,8 @@ class ChatService:
         options = chat_options(request.options, self._defaults())
         provider, model = self.router.route(request.model)
         self.runner.check_room(model.id, provider.concurrency(model))
+        if self.resources is not None:
+            self.resources.check(provider, model)  # insufficient_memory now, before anything is stored
         chat_id = request.chat_id
         if chat_id is not None:
             if not self.store.chat_exists(chat_id):
@@ -344,6 +350,8 @@ class ChatService:
             )
         provider, model = self.router.route(model_id)
         self.runner.check_room(model.id, provider.concurrency(model))
+        if self.resources is not None:
+            self.resources.check(provider, model)
         message_id = new_id()
         job = ChatJob(
             self, message_id, message_id, provider, model, options, query=messages[-1].content, messages=messages

@@ -16,6 +16,8 @@ from typing import Any
 from core.errors import BadRequest
 
 RESERVED_CONNECTION_KEYS = ("local", "ollama")
+#: Servers whose memory Switchboard can free (core.providers.memory_control).
+MEMORY_KINDS = ("vllm", "llama.cpp-router", "llama-swap", "lmstudio")
 CONNECTION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -37,6 +39,10 @@ class ConnectionConfig:
     url: str | None = None
     default: str | None = None
     models: list[str] = field(default_factory=list)
+    #: How the server frees memory (core.providers.memory_control.KINDS); None: it cannot be asked.
+    memory: str | None = None
+    #: vLLM sleep level: 1 keeps the weights in host RAM (fast wake), 2 drops them.
+    sleep_level: int = 1
 
 
 @dataclass
@@ -169,7 +175,7 @@ class Settings:
         "",
         "resources.budget",
         "SWITCHBOARD_RESOURCE_BUDGET",
-        "For the budget policy: memory local engines may hold, e.g. 6GB or 512MB.",
+        "Memory local engines may hold, e.g. 6GB or 512MB: the budget policy evicts to stay within it; every policy refuses a model that cannot fit in it (insufficient_memory).",
     )
     ttl_chat_minutes: float = _setting(
         0.0,
@@ -194,6 +200,13 @@ class Settings:
         "resources.park_in_ram",
         "SWITCHBOARD_PARK_IN_RAM",
         "On CUDA, unloading parks weights in CPU RAM so switching back is a copy.",
+    )
+    swap_max_wait_s: float = _setting(
+        30.0,
+        "resources.max_wait_s",
+        "SWITCHBOARD_SWAP_MAX_WAIT_S",
+        "Swap-aware queue: how long a request for another model waits while the resident one still has "
+        "work, before the oldest waiter wins (0: switch at once).",
     )
     ollama_unload_wait: float = _setting(
         10.0,
@@ -366,6 +379,12 @@ def parse_connections(raw: Any) -> list[ConnectionConfig]:
         models = table.get("models") or []
         if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
             raise BadRequest(f"[model_names.{key}] models must be a list of strings")
+        memory = table.get("memory")
+        if memory is not None and memory not in MEMORY_KINDS:
+            raise BadRequest(f"[model_names.{key}] memory must be one of {', '.join(MEMORY_KINDS)}")
+        sleep_level = table.get("sleep_level", 1)
+        if sleep_level not in (1, 2) or isinstance(sleep_level, bool):
+            raise BadRequest(f"[model_names.{key}] sleep_level must be 1 or 2")
         out.append(
             ConnectionConfig(
                 key=str(key),
@@ -375,6 +394,8 @@ def parse_connections(raw: Any) -> list[ConnectionConfig]:
                 url=table.get("url"),
                 default=table.get("default"),
                 models=list(models),
+                memory=memory,
+                sleep_level=sleep_level,
             )
         )
     return out

@@ -82,6 +82,12 @@ class QueueFull(SwitchboardError):
     code, http_status = "queue_full", 503
 
 
+class InsufficientMemory(SwitchboardError):
+    """A model cannot fit even after everything idle is released (fields: need_bytes, free_bytes)."""
+
+    code, http_status = "insufficient_memory", 507
+
+
 class Unauthorized(SwitchboardError):
     code, http_status = "unauthorized", 401
 

@@ -124,8 +124,8 @@ class StreamJob(ABC):
     def prepare(self, sink: Sink) -> None:
         """Green-side work after admission and before the lease (e.g. history, retrieval)."""
 
-    def claim(self) -> AbstractContextManager[Any]:
-        """The resource lease held while producing."""
+    def claim(self, sink: Sink) -> AbstractContextManager[Any]:
+        """The resource lease held while producing (loading progress may go to `sink`)."""
         return nullcontext()
 
     @abstractmethod
@@ -216,7 +216,7 @@ class JobRunner:
             try:
                 if admitted:
                     job.prepare(sink)
-                    with job.claim():
+                    with job.claim(sink):
                         self._produce(job, sink)
             finally:
                 if admitted:

@@ -21,6 +21,7 @@ from core.models.manager import ModelManager
 from core.providers.base import Provider
 from core.providers.local import LocalProvider, LocalRuntimes
 from core.registry import ModelRegistry
+from core.resources.estimate import MemoryProfiles
 from core.resources.manager import ResourceManager
 from core.router import Router
 from core.storage import ChatStore
@@ -84,6 +85,8 @@ def build_resource_manager(settings: Settings, runtimes: list[Provider]) -> Reso
         {k: v for k, v in ttl.items() if v > 0},
         runtimes=[p for p in runtimes if p.holds_memory],
         release_wait_s=settings.ollama_unload_wait,
+        profiles=MemoryProfiles(settings.data_path / "memory_profiles.json"),
+        max_wait_s=settings.swap_max_wait_s,
     )
     if manager.ttl_s:
 
@@ -130,6 +133,7 @@ def build_services(
     resources = build_resource_manager(settings, externals)
     # One runner for chat and translation: they take turns on a local model.
     runner = JobRunner(Admission(queue_max=settings.queue_max))
+    resources.demand = runner.admission.waiting  # the swap-aware queue counts requests waiting per model
     knowledge = KnowledgeService(settings, resources=resources)
     chat = ChatService(store, router, settings, runner, knowledge=knowledge, resources=resources)
     translation = TranslationService(settings, router, local, runner, resources=resources)

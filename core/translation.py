@@ -137,7 +137,7 @@ class TranslationJob(StreamJob):
     def on_queued(self, position: int, sink: Sink) -> None:
         sink.emit("translation_queued", {"request_id": self.request_id, "position": position})
 
-    def claim(self) -> AbstractContextManager[Any]:
+    def claim(self, sink: Sink) -> AbstractContextManager[Any]:
         return self._claim()
 
     def produce(self, emit: Callable[[Any], None]) -> None:

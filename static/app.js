@@ -405,6 +405,15 @@
     if (state.chatId === s.chatId) setStreamStatus(d.content ? null : "thinking…");
     scheduleRender(s);
   });
+  // A model being freed, loaded or woken for our answer: said in the pending answer instead of "thinking…".
+  const LOADING_TEXT = { freeing: "freeing memory", loading: "loading the model", waking: "waking the model",
+                         waiting: "waiting for the other model's answers to finish" };
+  socket.on("model_loading", (d) => {
+    const s = state.stream;
+    if (!s || d.chat_id !== s.chatId || state.chatId !== s.chatId || s.text) return;
+    const eta = typeof d.eta_s === "number" ? " (~" + Math.max(1, Math.round(d.eta_s)) + " s)" : "";
+    setStreamStatus((LOADING_TEXT[d.phase] || d.phase) + (d.release ? ": " + d.release : "") + eta + "…");
+  });
   socket.on("queued", (d) => {
     const s = state.stream;
     if (s && (!s.chatId || s.chatId === d.chat_id) && state.chatId === s.chatId) {

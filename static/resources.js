@@ -19,9 +19,12 @@
   const engines = el("ul", "res-engines");
   const ollama = el("div", "res-ollama");
   const lastSwitch = el("div", "res-switch");
+  const planLine = el("div", "res-plan");
+  planLine.setAttribute("aria-live", "polite");
+  const estimates = el("div", "res-estimates");
   const unloadAll = el("button", "res-unload", "Unload all", {
     type: "button", title: "Free every local engine and Ollama's models (waits for running answers)" });
-  body.append(summary, engines, ollama, lastSwitch, unloadAll);
+  body.append(summary, engines, ollama, planLine, lastSwitch, estimates, unloadAll);
 
   function render(status) {
     const dev = status.devices || {};
@@ -39,10 +42,21 @@
           " · used " + ago(e.last_used) + (e.leases ? " · in use" : "") + waiting));
       engines.append(item);
     }
-    const loaded = (status.ollama && status.ollama.loaded) || [];
-    ollama.textContent = loaded.length
-      ? "Ollama holds: " + loaded.map((m) => m.name + " (" + bytes(m.size_vram || m.size) + " " + m.device + ")").join(", ")
-      : "Ollama holds nothing";
+    // Every other runtime that holds memory (Ollama, vLLM, llama.cpp's router, llama-swap, LM Studio).
+    const held = [];
+    for (const [key, info] of Object.entries(status.runtimes || {})) {
+      for (const m of info.loaded || []) {
+        const size = m.size_vram || m.size;
+        held.push(key + ": " + m.name + (size ? " (" + bytes(size) + (m.device ? " " + m.device : "") + ")" : ""));
+      }
+    }
+    ollama.textContent = held.length ? "other runtimes hold: " + held.join(", ") : "other runtimes hold nothing";
+    const loads = status.loads || [];
+    const last = loads[loads.length - 1];
+    estimates.textContent = last
+      ? "last load: " + last.model + " predicted " + bytes(last.predicted) + " (" + last.predicted_from + "), measured " +
+        bytes(last.bytes) + (last.error === null ? "" : " · error " + (last.error * 100).toFixed(0) + "%")
+      : "";
     // The *_freed figures are before − after across the whole switch (unloads and the new load), so
     // loading a model usually makes them negative: memoryChange says "grew by" rather than "freed -…".
     const s = status.last_switch;
@@ -53,6 +67,25 @@
         (s.unloaded.length ? " (unloaded " + s.unloaded.join(", ") + ")" : "")
       : "no switch yet";
   }
+
+  // Picking a model that is not resident shows what switching to it would do, before any message.
+  function describePlan(p) {
+    if (p.loaded && !(p.release || []).length) return "";
+    if (!p.fits) return "switching to " + p.model + " is not possible: " + p.reason;
+    const parts = (p.release || []).map((r) => "unload " + r.model + (r.runtime === "local" ? "" : " from " + r.runtime) +
+      (r.bytes ? " (" + bytes(r.bytes) + ")" : ""));
+    if (!p.loaded && p.need_bytes) parts.push("load " + bytes(p.need_bytes) + " of " + bytes(p.free_bytes) + " free");
+    const secs = p.seconds && p.seconds.load;
+    return "switching will " + (parts.join(", ") || "change nothing") + (typeof secs === "number" ? ", ~" + secs.toFixed(1) + " s" : "");
+  }
+  function showPlan(model) {
+    if (!model) { planLine.textContent = ""; return; }
+    SB.api("/api/resources/plan?model=" + encodeURIComponent(model))
+      .then((p) => { planLine.textContent = describePlan(p); })
+      .catch(() => { planLine.textContent = ""; });
+  }
+  const select = document.getElementById("model-select");
+  if (select) select.addEventListener("change", () => showPlan(select.value));
 
   function refresh() {
     SB.api("/api/resources").then(render).catch(() => { /* shown again on the next event */ });

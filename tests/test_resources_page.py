@@ -29,10 +29,19 @@ def test_panel_updates_live_after_a_chat_and_an_unload(server):
         )
         assert "SmolLM2" in page.locator("#resources-panel .res-model").first.inner_text()
         assert "last switch" in page.locator("#resources-panel .res-switch").inner_text()
+        page.wait_for_function(
+            "document.querySelector('#resources-panel .res-estimates').textContent.includes('measured')"
+        )
+        assert "predicted" in page.locator("#resources-panel .res-estimates").inner_text()
         page.click("#resources-panel .res-unload")
         page.wait_for_function(
             "[...document.querySelectorAll('#resources-panel .res-engine')]"
             ".every(e => e.classList.contains('state-unloaded'))",
             timeout=30000,
         )
+        # Picking a model that is not resident shows what switching to it would do (the arbiter's plan).
+        page.eval_on_selector("#model-select", "s => s.dispatchEvent(new Event('change'))")
+        page.wait_for_function("document.querySelector('#resources-panel .res-plan').textContent.includes('load')")
+        plan = page.locator("#resources-panel .res-plan").inner_text()
+        assert plan.startswith("switching will") and "free" in plan, plan
         browser.close()

@@ -1,4 +1,5 @@
-"""Resource status and operator controls: GET /api/resources, POST /api/resources/unload|load.
+"""Resource status, plans and operator controls: GET /api/resources, GET /api/resources/plan?model=ID,
+POST /api/resources/unload|load.
 
 Also pushes a `resource_status` Socket.IO event to every client on each change (coalesced, sent
 from a background task so a switch never waits on it).
@@ -10,7 +11,7 @@ import logging
 
 from flask import Blueprint, Flask, jsonify, request
 
-from core.errors import NotFound
+from core.errors import BadRequest, NotFound
 from core.payloads import EngineRequest, parse
 from web_ui.extensions import services, socketio
 
@@ -27,6 +28,17 @@ def _engine_arg() -> str:
 @bp.get("/api/resources")
 def status():
     return jsonify(services().resources.status())
+
+
+@bp.get("/api/resources/plan")
+def plan():
+    """What switching to ?model=ID would do now: releases per runtime, bytes needed/free, seconds."""
+    model_id = request.args.get("model", "")
+    if not model_id:
+        raise BadRequest("give the model to plan for: /api/resources/plan?model=<id>", param="model")
+    svc = services()
+    provider, model = svc.router.route(model_id)
+    return jsonify(svc.resources.plan(provider, model))
 
 
 @bp.post("/api/resources/unload")

@@ -27,6 +27,8 @@ from typing import Any
 from core.concurrency import os_lock, use_real_module_locks
 from core.engines.device import module_bytes, pick_device, release_memory, weights_on_disk
 from core.errors import ModelUnavailable, SwitchboardError
+from core.resources.estimate import DTYPE_BYTES, Estimate, overhead, safetensors_weights
+from core.resources.memory import cuda_available
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +202,29 @@ class Engine(ABC):
     def memory_bytes(self) -> int:
         """Bytes the weights hold on their device now (0 when unloaded or parked)."""
         return self.loaded_bytes if self.state in (LOADED, UNLOADING) else 0
+
+    #: The runtime named in memory profiles and estimates.
+    runtime: str = "transformers"
+
+    def prepare_runtime(self) -> None:
+        """Import the runtime's libraries (blocking, once per process), so that a load's measured
+        memory is the model's and not the libraries' one-time cost."""
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+    def estimate(self) -> Estimate:
+        """Memory the next load will take, from the files' headers (no weights read). Engines whose
+        runtime allocates more at load (a KV cache) add it; see core.resources.estimate."""
+        device = "cuda" if self.device_preference != "cpu" and cuda_available() else "cpu"
+        dtype = self.cpu_dtype if device == "cpu" else "bfloat16"
+        weights = 0
+        if self.path is not None and self.path.is_dir():
+            weights = safetensors_weights(self.path, DTYPE_BYTES.get(dtype, 4))
+        if not weights and self.path is not None:
+            weights = weights_on_disk(self.path)
+        return Estimate(
+            self.model_id, self.runtime, device, dtype, 0, 1, weights, 0, overhead(self.runtime, weights, device)
+        )
 
     def expected_bytes(self) -> int:
         """Roughly what a load will take: the last measured figure, else the weight files' size."""

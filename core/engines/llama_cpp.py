@@ -23,6 +23,8 @@ from core.engines.base import Engine
 from core.engines.llama_batch import BatchLoop, Stream
 from core.engines.sampling import Sampler, TextAssembler
 from core.errors import GenerationFailed, ModelUnavailable, TooLong
+from core.resources.estimate import Estimate, gguf_metadata, gguf_shape, kv_bytes, overhead
+from core.resources.memory import cuda_available
 from core.types import CancelToken, ChatOptions, Message, StreamResult
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,37 @@ class LlamaCppChatEngine(Engine):
         self.threads = threads or os.cpu_count() or 1
         self.dtype = "gguf"
 
+    runtime = "llama.cpp"
+
+    def prepare_runtime(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_backend_init()
+
     # -- the Engine's part ---------------------------------------------------------------------------
+    def estimate(self) -> Estimate:
+        """The GGUF's tensor data, plus the unified KV cache this engine allocates at load."""
+        device = "cuda" if self.device_preference != "cpu" and cuda_available() else "cpu"
+        weights = self.path.stat().st_size if self.path is not None and self.path.is_file() else 0
+        kv, context = 0, self.context_tokens
+        if weights:
+            meta = gguf_metadata(self.path)
+            trained = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length", 0) or context)
+            context = min(context, trained)
+            layers, kv_heads, head_dim = gguf_shape(self.path)
+            kv = kv_bytes(layers, kv_heads, head_dim, context * self.max_parallel, KV_BYTES)
+        return Estimate(
+            self.model_id,
+            self.runtime,
+            device,
+            "gguf",
+            context,
+            self.max_parallel,
+            weights,
+            kv,
+            overhead(self.runtime, weights, device),
+        )
+
     def check_files(self) -> None:
         if self.path is None or not self.path.is_file():
             raise ModelUnavailable(f"{self.model_id}: the GGUF file is missing ({self.path})")

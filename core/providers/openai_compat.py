@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,6 +32,7 @@ from core.errors import (
     SwitchboardError,
 )
 from core.providers.base import Provider, ProviderGroup
+from core.providers.memory_control import MemoryControl, memory_control
 from core.providers.watchdog import StreamWatchdog, httpx_socket, timeout_error
 from core.reasoning import Reasoning
 from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, StreamResult, Usage
@@ -148,6 +149,14 @@ class OpenAICompatProvider(Provider):
         self._client_lock = os_lock()
         # Parameters a model refused with a 400 (see `_open`), so later requests leave them out at once.
         self._refused: dict[str, tuple[str, ...]] = {}
+        # How this server frees memory, when its config names it (`memory = "vllm"`, ...).
+        self.memory: MemoryControl | None = None
+        if conn.memory:
+            self.memory = memory_control(
+                conn.memory, conn.base_url, self._control_key, settings.connect_timeout + 5, conn.sleep_level
+            )
+        self.holds_memory = self.memory is not None
+        self._memory_problem: str | None = None  # logged once per change, not on every status poll
 
     # -- credentials -----------------------------------------------------------------------------
     def _api_key(self) -> str | None:
@@ -460,10 +469,54 @@ class OpenAICompatProvider(Provider):
         error.args = (error.message,)
         return error
 
-    # -- memory ----------------------------------------------------------------------------------
-    def loaded_models(self) -> list[dict]:
-        """Unknown for a generic server."""
-        return []
+    # -- memory (only with `memory = "<kind>"` in the connection's config) -------------------------
+    def _control_key(self) -> str | None:
+        key = self._api_key()
+        return None if key in (None, PLACEHOLDER_KEY) else key
 
-    def unload(self, model: ModelInfo | None = None) -> None:
-        """Nothing to free here: the remote server owns its memory."""
+    def loaded_models(self) -> list[dict]:
+        """What the server holds now ({name, state, size?}); [] for a generic server or on failure."""
+        if self.memory is None:
+            return []
+        try:
+            models = self.memory.resident()
+        except SwitchboardError as exc:
+            if exc.message != self._memory_problem:
+                log.warning("event=runtime_status_failed connection=%s message=%s", self.key, exc.message)
+            self._memory_problem = exc.message
+            return []
+        self._memory_problem = None
+        return [{"size": None, **m, "runtime": self.memory.kind} for m in models]
+
+    def unload(self, model: ModelInfo | str | None = None) -> None:
+        """Ask the server to free `model` (or all it holds); nothing to do without memory control."""
+        if self.memory is None:
+            return
+        if model is None:
+            names = [m["name"] for m in self.loaded_models()]
+        else:
+            names = [model.native_name if isinstance(model, ModelInfo) else model]
+        for name in names:
+            try:
+                self.memory.release(name)
+            except ProviderUnreachable:
+                log.info("event=runtime_release_skipped connection=%s reason=unreachable", self.key)
+
+    def wait_unloaded(self, names: Iterable[str], timeout: float = 10.0) -> bool:
+        return True if self.memory is None else self.memory.wait_released(list(names), timeout)
+
+    def sleeping(self, model: ModelInfo) -> bool:
+        """True when the server put `model` to sleep (vLLM) and a request must wake it first."""
+        if self.memory is None or not self.memory.wakes_explicitly:
+            return False
+        try:
+            return self.memory.asleep(model.native_name)
+        except SwitchboardError as exc:
+            log.warning("event=runtime_status_failed connection=%s message=%s", self.key, exc.message)
+            return False
+
+    def wake(self, model: ModelInfo) -> bool:
+        """Wake a model the server put to sleep (vLLM) before a request to it; True when it slept."""
+        if self.memory is None or not self.memory.wakes_explicitly:
+            return False
+        return self.memory.wake(model.native_name)

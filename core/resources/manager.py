@@ -25,8 +25,11 @@ from core.concurrency import run_blocking
 from core.engines.base import Engine
 from core.providers.base import resolve_engine
 from core.resources import memory
+from core.resources.arbiter import Arbiter, Notify
+from core.resources.estimate import MemoryProfiles
 from core.resources.policy import POLICIES, plan_evictions
 from core.resources.runtimes import OtherRuntimes
+from core.resources.swap import SwapQueue
 from core.types import ModelId, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,9 @@ class ResourceManager:
         ttl_s: dict[str, float] | None = None,
         runtimes: list[Any] | None = None,
         release_wait_s: float = 10.0,
+        profiles: MemoryProfiles | None = None,
+        max_wait_s: float = 30.0,
+        demand: Callable[[str], int] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown resource policy {policy!r}; use one of {', '.join(POLICIES)}")
@@ -75,6 +81,11 @@ class ResourceManager:
         self._switch = threading.RLock()
         #: Providers that hold memory of their own (Ollama): released before a local model loads.
         self.runtimes = OtherRuntimes(runtimes or [], release_wait_s, self._cond)
+        #: Estimates, admission by memory and plans (core.resources.arbiter).
+        self.arbiter = Arbiter(self, profiles)
+        #: Requests waiting in the admission queue for a model id (the job runner's count).
+        self.demand = demand or (lambda model_id: 0)
+        self.swap = SwapQueue(self, max_wait_s)
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def track(self, engine: Engine, role: str) -> Slot:
@@ -120,7 +131,7 @@ class ResourceManager:
                 self._cond.wait(timeout=0.25)
 
     # -- loading and unloading -------------------------------------------------------------------
-    def _measured(self, action: str, slot: Slot, reason: str, fn: Callable[[], None]) -> None:
+    def _measured(self, action: str, slot: Slot, reason: str, fn: Callable[[], None]) -> tuple[dict, dict]:
         before, started = memory.snapshot(), time.monotonic()
         run_blocking(fn)
         after = memory.snapshot()
@@ -136,6 +147,7 @@ class ResourceManager:
             engine.memory_bytes(),
             memory.describe_change(before, after),
         )
+        return before, after
 
     def _unload(self, slot: Slot, reason: str) -> None:
         """Unload one engine after its leases end (caller holds `_switch`)."""
@@ -150,30 +162,61 @@ class ResourceManager:
                 self._cond.notify_all()
             self._changed()
 
-    def _load(self, slot: Slot, reason: str) -> None:
+    def _load(self, slot: Slot, reason: str, notify: Notify | None = None) -> None:
+        """Load after making sure it fits (the arbiter frees idle memory or refuses); learn what it took."""
         if slot.engine.is_loaded():
             return
+        estimate = self.arbiter.estimate(slot.engine)
+        self.arbiter.fit(slot, estimate, reason, notify)
+        if notify:
+            notify({"phase": "loading", "eta_s": estimate.load_s if estimate else None})
         self._changed()
         try:
-            self._measured("load", slot, reason, slot.engine.load)
+            run_blocking(slot.engine.prepare_runtime)
+            before, after = self._measured("load", slot, reason, slot.engine.load)
+            self.arbiter.record(slot, estimate, before, after)
         finally:
             self._changed()
 
-    def _make_room(self, wanted: Slot | None, kind: str, reason: str) -> list[str]:
-        """Apply the policy before `wanted` (a local engine) or an external model of `kind` runs."""
+    def _make_room(
+        self, wanted: Slot | None, kind: str, reason: str, notify: Notify | None = None, keep: Any = None
+    ) -> list[str]:
+        """Apply the policy before `wanted` (a local engine) or an external model of `kind` runs;
+        `keep` is (runtime key, model name) of an external target that must stay."""
         freed: list[str] = []
-        if kind == "local" and self.policy == "exclusive":
-            freed += self.runtimes.release(reason)
         with self._cond:
             candidates = [s for s in self.slots.values() if s is not wanted and s.engine.is_loaded()]
-        for slot in plan_evictions(self.policy, wanted, kind, candidates, self.budget_bytes):
+        evict = plan_evictions(self.policy, wanted, kind, candidates, self.budget_bytes)
+        if notify and (evict or (self.policy == "exclusive" and self.runtimes.providers)):
+            notify({"phase": "freeing"})
+        if self.policy == "exclusive":
+            freed += self.runtimes.release(reason, keep=keep)
+        for slot in evict:
             self._unload(slot, reason)
             freed.append(slot.key)
         return freed
 
     # -- what requests call ----------------------------------------------------------------------
     @contextmanager
-    def use_engine(self, engine: Engine, role: str, reason: str, target: str | None = None) -> Iterator[Engine]:
+    def _turn(self, target: str | None, notify: Notify | None) -> Iterator[None]:
+        """Hold the switch lock once a request for `target` may switch to it: the swap-aware queue
+        (core.resources.swap) holds it back while the resident model still has work (None: no check)."""
+        gate = self.swap.gate(target, notify) if target is not None else None
+        while True:
+            self._switch.acquire()
+            if gate is None or gate.open():
+                break
+            self._switch.release()
+            time.sleep(0.05)  # a green sleep under eventlet: the resident model's requests go on
+        try:
+            yield
+        finally:
+            self._switch.release()
+
+    @contextmanager
+    def use_engine(
+        self, engine: Engine, role: str, reason: str, target: str | None = None, notify: Notify | None = None
+    ) -> Iterator[Engine]:
         """Hold a lease on a local engine for one request, loading it first if needed.
 
         A chat engine is a switch target (the policy makes room for it: other chat models, and
@@ -181,10 +224,11 @@ class ResourceManager:
         beside whatever runs, whatever the policy.
         """
         slot = self.track(engine, role)
-        with self._switch:
+        target = target or str(ModelId.local(engine.model_id))
+        with self._turn(target if role == "chat" else None, notify):
             if role == "chat":
-                self._switch_to("local", target or str(ModelId.local(engine.model_id)), slot, reason)
-            self._load(slot, reason)
+                self._switch_to("local", target, slot, reason, notify)
+            self._load(slot, reason, notify)
             with self._cond:
                 slot.leases += 1
                 slot.last_used = time.time()
@@ -199,12 +243,27 @@ class ResourceManager:
             self._changed()
 
     @contextmanager
-    def use_external(self, provider: Any, model: ModelInfo, reason: str) -> Iterator[None]:
-        """Free local engines per policy before an external model streams; a runtime's model gets a lease."""
-        with self._switch:
-            self._switch_to(provider.kind, model.id, None, reason)
+    def use_external(
+        self, provider: Any, model: ModelInfo, reason: str, notify: Notify | None = None
+    ) -> Iterator[None]:
+        """Free memory per policy before an external model streams (local engines, and under
+        `exclusive` the other runtimes' models); wake it if its server put it to sleep; lease it."""
+        with self._turn(model.id, notify):
+            self._switch_to(provider.kind, model.id, None, reason, notify, keep=(provider.key, model.native_name))
             with self._cond:
                 leased = self.runtimes.hold(provider, model.native_name)
+            if getattr(provider, "holds_memory", False) and hasattr(provider, "wake"):
+                if run_blocking(provider.sleeping, model):
+                    if notify:
+                        notify({"phase": "waking"})
+                    started = time.monotonic()
+                    run_blocking(provider.wake, model)
+                    log.info(
+                        "event=runtime_woken runtime=%s model=%s took_ms=%d",
+                        provider.key,
+                        model.native_name,
+                        (time.monotonic() - started) * 1000,
+                    )
         self._changed()
         try:
             yield
@@ -215,7 +274,9 @@ class ResourceManager:
             self._changed()
 
     @contextmanager
-    def claim(self, provider: Any, model: ModelInfo, reason: str, serving: str = "chat") -> Iterator[Any]:
+    def claim(
+        self, provider: Any, model: ModelInfo, reason: str, serving: str = "chat", notify: Notify | None = None
+    ) -> Iterator[Any]:
         """Everything one request to `model` needs, as one call: its engine loaded (switching by policy)
         and leased, or room made for an external model. Yields the engine (None when external).
 
@@ -223,29 +284,34 @@ class ResourceManager:
         the engine's slot lists it too; a chat model always switches under the chat policy.
         """
         engine = resolve_engine(provider, model)
-        if engine is None:
-            with self.use_external(provider, model, reason):
-                yield None
-            return
-        if serving != "chat":
-            self.track(engine, serving)
-        with self.use_engine(engine, "chat", reason, target=model.id):
-            yield engine
+        with self.swap.waiting(model.id) as turn:
+            if engine is None:
+                with self.use_external(provider, model, reason, notify):
+                    turn.leased()
+                    yield None
+                return
+            if serving != "chat":
+                self.track(engine, serving)
+            with self.use_engine(engine, "chat", reason, target=model.id, notify=notify):
+                turn.leased()
+                yield engine
 
     def prepare(self, provider: Any, model: ModelInfo, reason: str) -> None:
         """What `select_model` does: switch now (free and load) without keeping a lease."""
         with self.claim(provider, model, reason):
             return
 
-    def _switch_to(self, kind: str, target: str, slot: Slot | None, reason: str) -> None:
+    def _switch_to(
+        self, kind: str, target: str, slot: Slot | None, reason: str, notify: Notify | None = None, keep: Any = None
+    ) -> None:
         """Make room for `target` (a model id) and log one measured `model_switch` line when it changes."""
         previous = self.last_switch["to"] if self.last_switch else None
         if previous == target and (slot is None or slot.engine.is_loaded()):
             return
         before, started = memory.snapshot(), time.monotonic()
-        freed = self._make_room(slot, kind, reason)
+        freed = self._make_room(slot, kind, reason, notify, keep)
         if slot is not None:
-            self._load(slot, reason)
+            self._load(slot, reason, notify)
         after = memory.snapshot()
         self.current_kind = kind
         self.last_switch = {
@@ -320,6 +386,15 @@ class ResourceManager:
         self._changed()
         return [s.key for s in expired]
 
+    # -- the arbiter's answers -------------------------------------------------------------------
+    def plan(self, provider: Any, model: ModelInfo) -> dict[str, Any]:
+        """What switching to `model` would do now: releases, bytes needed/free, seconds (changes nothing)."""
+        return self.arbiter.plan(provider, model, resolve_engine(provider, model))
+
+    def check(self, provider: Any, model: ModelInfo) -> None:
+        """InsufficientMemory at once when `model` cannot fit even after releasing everything idle."""
+        self.arbiter.check(provider, model, resolve_engine(provider, model))
+
     # -- visibility ------------------------------------------------------------------------------
     def status(self, include_runtimes: bool = True) -> dict[str, Any]:
         """Everything /api/resources and the `resource_status` event report.
@@ -341,6 +416,7 @@ class ResourceManager:
                     "last_used": s.last_used,
                     "leases": s.leases,
                     "waiting_for_leases": s.unload_pending and s.leases > 0,
+                    "runtime": getattr(s.engine, "runtime", None),
                 }
                 for s in slots
             ]
@@ -355,4 +431,8 @@ class ResourceManager:
             "runtimes": runtimes,
             "ollama": runtimes.get("ollama", {"loaded": [], "leases": {}}),
             "devices": memory.device_totals(),
+            # Predicted vs measured memory of recent loads, and the last plan asked for or carried out.
+            "loads": list(self.arbiter.loads),
+            "plan": self.arbiter.last_plan,
+            "max_wait_s": self.swap.max_wait_s,
         }

@@ -41,22 +41,26 @@ class OtherRuntimes:
         self.leases[(provider.key, name)] -= 1
         self._cond.notify_all()
 
-    def release(self, reason: str, only: str | None = None) -> list[str]:
+    def release(self, reason: str, only: str | None = None, keep: tuple[str, str] | None = None) -> list[str]:
         """Unload every model the runtimes hold (after their streams end) and wait until they are gone.
 
-        Returns the released models' ids. `only` limits it to one provider key.
+        Returns the released models' ids. `only` limits it to one provider key; `keep` is a
+        (provider key, model name) that stays (the external model about to be used).
         """
         released: list[str] = []
         for key, provider in self.providers.items():
             if only is None or only == key:
-                released += [str(ModelId(key, name)) for name in self._release_one(provider, reason)]
+                spare = keep[1] if keep and keep[0] == key else None
+                released += [str(ModelId(key, name)) for name in self._release_one(provider, reason, spare)]
         return released
 
-    def _release_one(self, provider: Any, reason: str) -> list[str]:
-        loaded = [m["name"] for m in run_blocking(provider.loaded_models)]
+    def _release_one(self, provider: Any, reason: str, spare: str | None = None) -> list[str]:
+        loaded = [m["name"] for m in run_blocking(provider.loaded_models) if m["name"] != spare]
         with self._cond:  # a stream that just started may not be listed yet: it counts too
             loaded += [
-                n for (k, n), count in self.leases.items() if k == provider.key and count > 0 and n not in loaded
+                n
+                for (k, n), count in self.leases.items()
+                if k == provider.key and count > 0 and n not in loaded and n != spare
             ]
         for name in loaded:
             with self._cond:
