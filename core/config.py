@@ -175,7 +175,8 @@ class Settings:
         "",
         "resources.budget",
         "SWITCHBOARD_RESOURCE_BUDGET",
-        "Memory local engines may hold, e.g. 6GB or 512MB: the budget policy evicts to stay within it; every policy refuses a model that cannot fit in it (insufficient_memory).",
+        "Memory local engines may hold, e.g. 6GB or 512MB: the budget policy evicts to stay within it; "
+        "every policy refuses a model that cannot fit in it (insufficient_memory).",
     )
     ttl_chat_minutes: float = _setting(
         0.0,
