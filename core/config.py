@@ -16,7 +16,7 @@ from typing import Any
 from core.errors import BadRequest
 
 RESERVED_CONNECTION_KEYS = ("local", "ollama")
-CONNECTION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+CONNECTION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 
 def _setting(default: Any, toml: str, env: str | None, doc: str, **kw: Any) -> Any:
