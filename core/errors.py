@@ -86,6 +86,12 @@ class Unauthorized(SwitchboardError):
     code, http_status = "unauthorized", 401
 
 
+class UnsupportedMediaType(SwitchboardError):
+    """A body that is not `application/json` (UTF-8) where JSON is expected."""
+
+    code, http_status = "unsupported_media_type", 415
+
+
 class ProviderUnreachable(SwitchboardError):
     code, http_status = "provider_unreachable", 502
 

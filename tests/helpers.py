@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -179,3 +180,23 @@ class EventClient:
 
     def close(self) -> None:
         self.sio.disconnect()
+
+
+def raw_request(url: str, data: bytes, timeout: float = 10) -> bytes:
+    """Send `data` as it is to the server at `url` and return everything it answers until it closes."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+        try:
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:  # the server answered and closed before reading everything
+            pass
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_body(raw: bytes) -> Any:
+    """The JSON body of a raw HTTP response."""
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])

@@ -27,6 +27,7 @@ def create_app(
     from web_ui import (
         api,
         auth,
+        bodies,
         chat_api,
         knowledge_api,
         models_api,
@@ -51,6 +52,7 @@ def create_app(
     app.extensions["switchboard"] = build_services(
         settings, start_background=start_background, on_models_changed=lambda: [f() for f in models_changed]
     )
+    app.request_class = bodies.CheckedRequest  # get_json() returns the body check_body checked
     socketio.init_app(
         app, async_mode=async_mode or _default_async_mode(), max_http_buffer_size=app.config["MAX_CONTENT_LENGTH"]
     )
@@ -62,6 +64,7 @@ def create_app(
     sockets.init_socketio(socketio)
     translate_sockets.init_socketio(socketio)
     auth.register_auth(app, socketio)
+    app.before_request(bodies.check_body)  # after the token check: no parsing for clients without it
     register_error_handlers(app)
     streaming.unbuffer_sse(app)  # outermost WSGI layer: SSE chunks leave eventlet as they are made
     resources_api.enable_status_broadcast(app)
