@@ -58,6 +58,20 @@ class Settings:
     api_token: str = _setting(
         "", "server.api_token", "SWITCHBOARD_API_TOKEN", "When set, every API and Socket.IO client must present it."
     )
+    allowed_hosts: list = _setting(
+        [],
+        "server.allowed_hosts",
+        "SWITCHBOARD_ALLOWED_HOSTS",
+        "Host names accepted in the Host header besides IP addresses, localhost and this machine's name "
+        "(comma-separated in env; '*' accepts any). See docs/security.md.",
+    )
+    allowed_origins: list = _setting(
+        [],
+        "server.allowed_origins",
+        "SWITCHBOARD_ALLOWED_ORIGINS",
+        "Web origins (scheme://host[:port]) besides the page's own that may send requests that change "
+        "something and open Socket.IO connections (comma-separated in env; '*' allows any).",
+    )
     default_model: str = _setting(
         "local:HuggingFaceTB/SmolLM2-135M-Instruct",
         "chat.default_model",

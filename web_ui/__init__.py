@@ -29,6 +29,7 @@ def create_app(
         auth,
         bodies,
         chat_api,
+        guard,
         knowledge_api,
         models_api,
         openai_api,
@@ -40,6 +41,7 @@ def create_app(
     )
     from web_ui.errors import register_error_handlers
     from web_ui.extensions import socketio
+    from web_ui.origins import OriginPolicy
 
     settings = config if isinstance(config, Settings) else load_settings(config or {})
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
@@ -53,8 +55,13 @@ def create_app(
         settings, start_background=start_background, on_models_changed=lambda: [f() for f in models_changed]
     )
     app.request_class = bodies.CheckedRequest  # get_json() returns the body check_body checked
+    origins = OriginPolicy(settings)
+    guard.init_app(app, origins)  # the Origin check, before any other hook
     socketio.init_app(
-        app, async_mode=async_mode or _default_async_mode(), max_http_buffer_size=app.config["MAX_CONTENT_LENGTH"]
+        app,
+        async_mode=async_mode or _default_async_mode(),
+        max_http_buffer_size=app.config["MAX_CONTENT_LENGTH"],
+        cors_allowed_origins=lambda origin, environ: origins.origin_allowed(origin, environ.get("HTTP_HOST")),
     )
 
     for blueprint in (pages.bp, api.bp, resources_api.bp, knowledge_api.bp, chat_api.bp, openai_api.bp):
@@ -66,6 +73,7 @@ def create_app(
     auth.register_auth(app, socketio)
     app.before_request(bodies.check_body)  # after the token check: no parsing for clients without it
     register_error_handlers(app)
-    streaming.unbuffer_sse(app)  # outermost WSGI layer: SSE chunks leave eventlet as they are made
+    streaming.unbuffer_sse(app)  # SSE chunks leave eventlet as they are made
+    app.wsgi_app = guard.RequestGuard(app.wsgi_app, origins)  # outermost: Host checked before anything
     resources_api.enable_status_broadcast(app)
     return app
