@@ -200,3 +200,38 @@ def raw_request(url: str, data: bytes, timeout: float = 10) -> bytes:
 def json_body(raw: bytes) -> Any:
     """The JSON body of a raw HTTP response."""
     return json.loads(raw.split(b"\r\n\r\n", 1)[1])
+
+
+class Latency:
+    """GET /healthz in a loop from another thread: what another client sees meanwhile."""
+
+    def __init__(self, server) -> None:
+        self.url = server.url + "/healthz"
+        self.samples: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    ok = session.get(self.url, timeout=10).ok
+                except requests.RequestException:
+                    ok = False
+                self.samples.append(time.monotonic() - started)
+                self.failures += not ok
+                time.sleep(0.01)
+
+    def __enter__(self) -> Latency:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def p99(self) -> float:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]

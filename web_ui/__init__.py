@@ -9,6 +9,7 @@ from pathlib import Path
 from flask import Flask
 
 from core.config import Settings, load_settings
+from core.limits import socket_message_bytes
 from core.services import build_services
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,7 @@ def create_app(
         openai_api,
         pages,
         resources_api,
+        socket_guard,
         sockets,
         streaming,
         translate_sockets,
@@ -57,10 +59,14 @@ def create_app(
     app.request_class = bodies.CheckedRequest  # get_json() returns the body check_body checked
     origins = OriginPolicy(settings)
     guard.init_app(app, origins)  # the Origin check, before any other hook
+    # Socket.IO messages are capped near the largest valid one (uploads go over HTTP multipart): a
+    # bigger WebSocket frame is refused from its header, before a byte of it is read.
+    message_cap = socket_message_bytes(settings.max_content_chars, settings.translation_max_chars)
     socketio.init_app(
         app,
         async_mode=async_mode or _default_async_mode(),
-        max_http_buffer_size=app.config["MAX_CONTENT_LENGTH"],
+        max_http_buffer_size=message_cap,
+        serializer=socket_guard.packet_class(message_cap),
         cors_allowed_origins=lambda origin, environ: origins.origin_allowed(origin, environ.get("HTTP_HOST")),
     )
 
@@ -70,6 +76,7 @@ def create_app(
     models_changed.append(broadcaster.models_changed)
     sockets.init_socketio(socketio)
     translate_sockets.init_socketio(socketio)
+    socket_guard.init_socketio(socketio)
     auth.register_auth(app, socketio)
     app.before_request(bodies.check_body)  # after the token check: no parsing for clients without it
     register_error_handlers(app)
