@@ -132,8 +132,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def on_http_error(exc: HTTPException):
-        log.warning("event=http_error code=%s status=%s", exc.name, exc.code)
-        return render_for_path(FrameworkError.of(exc))
+        error = FrameworkError.of(exc)
+        log.warning("event=http_error code=%s status=%s", error.code, error.http_status)
+        return render_for_path(error)
 
     @app.errorhandler(Exception)
     def on_unexpected(exc: Exception):

@@ -128,7 +128,9 @@ def on_handler_error(exc: BaseException) -> None:
     event = (getattr(request, "event", None) or {}).get("message")
     scope = event if isinstance(event, str) and EVENT_NAME.match(event) else PROTOCOL_SCOPE
     if not isinstance(exc, SwitchboardError):
-        log.exception("event=socket_handler_crashed on=%s", scope)
+        log.exception("event=socket_handler_crashed on=%s", event)
+    if event == "connect":  # never let a failing check accept a connection
+        raise ConnectionRefusedError("internal_error")
     _emit_error(as_switchboard_error(exc, f"the {scope} handler"), scope)
 
 
