@@ -21,6 +21,7 @@ import socketio
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_ID = "local:HuggingFaceTB/SmolLM2-135M-Instruct"
 GREEDY = {"temperature": 0, "max_new_tokens": 48}
+TRACEBACK = "Traceback (most recent call last)"  # a Python traceback (a client may send the word itself)
 
 
 def free_port() -> int:

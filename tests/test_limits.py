@@ -14,7 +14,7 @@ import requests
 
 from core.errors import BadRequest
 from core.limits import MAX_JSON_BYTES, MAX_JSON_DEPTH, TooLarge, loads_checked, socket_message_bytes, too_deep
-from tests.helpers import BUNDLED_ID, json_body, raw_request
+from tests.helpers import BUNDLED_ID, TRACEBACK, json_body, raw_request
 
 
 # -- the checks on their own -----------------------------------------------------------------------------
@@ -71,6 +71,13 @@ def test_malformed_json_is_a_400_on_every_json_route(server):
             error_of(response, 400, "bad_request")
             if path.startswith("/v1"):
                 assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_odd_content_parts_on_v1_are_400s(server):
+    for content in ([1], [{"type": "text", "text": None}], [{"type": "text", "text": "hi"}, 1], [None], {"a": 1}):
+        body = {"model": BUNDLED_ID, "messages": [{"role": "user", "content": content}]}
+        response = requests.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["code"] in ("bad_request", "empty_content")
 
 
 def test_a_lone_surrogate_stores_nothing(server):
@@ -143,6 +150,6 @@ def test_the_http_servers_own_refusals_are_json(server):
         raw = raw_request(server.url, request)
         assert raw.startswith(f"HTTP/1.1 {status} ".encode()), raw[:200]
         assert json_body(raw)["error"]["code"] == code
-        assert b"Traceback" not in raw and b"<html" not in raw.lower()
+        assert TRACEBACK.encode() not in raw and b"<html" not in raw.lower()
     assert server.get("/healthz").ok
-    assert "Traceback" not in server.log()
+    assert TRACEBACK not in server.log()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -245,6 +246,11 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.requests: list[dict] = []
         self.stopping = threading.Event()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client closing an idle kept-alive connection is no error (the default prints a traceback)."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class ErrorsServer:
