@@ -56,10 +56,12 @@ def configure_logging(level: str) -> None:
 
 
 def serve(settings) -> int:
+    import eventlet_server
     from web_ui import create_app
     from web_ui.extensions import socketio
 
     app = create_app(settings, async_mode="eventlet")
+    eventlet_server.harden(socketio)
     log = logging.getLogger("switchboard")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:
         log.warning(
@@ -74,7 +76,7 @@ def serve(settings) -> int:
         settings.data_path,
         settings.model_path,
     )
-    socketio.run(app, host=settings.host, port=settings.port, log_output=False)
+    eventlet_server.serve(app, settings.host, settings.port)
     return 0
 
 

@@ -18,7 +18,7 @@ from core.errors import BadRequest
 RESERVED_CONNECTION_KEYS = ("local", "ollama")
 #: Servers whose memory Switchboard can free (core.providers.memory_control).
 MEMORY_KINDS = ("vllm", "llama.cpp-router", "llama-swap", "lmstudio")
-CONNECTION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+CONNECTION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 
 def _setting(default: Any, toml: str, env: str | None, doc: str, **kw: Any) -> Any:
@@ -63,6 +63,20 @@ class Settings:
     log_level: str = _setting("INFO", "server.log_level", "SWITCHBOARD_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.")
     api_token: str = _setting(
         "", "server.api_token", "SWITCHBOARD_API_TOKEN", "When set, every API and Socket.IO client must present it."
+    )
+    allowed_hosts: list = _setting(
+        [],
+        "server.allowed_hosts",
+        "SWITCHBOARD_ALLOWED_HOSTS",
+        "Host names accepted in the Host header besides IP addresses, localhost and this machine's name "
+        "(comma-separated in env; '*' accepts any). See docs/security.md.",
+    )
+    allowed_origins: list = _setting(
+        [],
+        "server.allowed_origins",
+        "SWITCHBOARD_ALLOWED_ORIGINS",
+        "Web origins (scheme://host[:port]) besides the page's own that may send requests that change "
+        "something and open Socket.IO connections (comma-separated in env; '*' allows any).",
     )
     default_model: str = _setting(
         "local:HuggingFaceTB/SmolLM2-135M-Instruct",

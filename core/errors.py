@@ -92,6 +92,24 @@ class Unauthorized(SwitchboardError):
     code, http_status = "unauthorized", 401
 
 
+class ForbiddenHost(SwitchboardError):
+    """A Host header this server does not answer to (DNS rebinding); see docs/security.md."""
+
+    code, http_status = "forbidden_host", 403
+
+
+class ForbiddenOrigin(SwitchboardError):
+    """A request that changes something, from a web page of another origin; see docs/security.md."""
+
+    code, http_status = "forbidden_origin", 403
+
+
+class UnsupportedMediaType(SwitchboardError):
+    """A body that is not `application/json` (UTF-8) where JSON is expected."""
+
+    code, http_status = "unsupported_media_type", 415
+
+
 class ProviderUnreachable(SwitchboardError):
     code, http_status = "provider_unreachable", 502
 

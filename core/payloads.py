@@ -14,9 +14,12 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.errors import BadRequest
+from core.knowledge.documents import COLLECTION
 from core.types import ChatOptions, Message
 
 P = TypeVar("P", bound=BaseModel)
+NAME_CHARS = 256  # a model id, an engine or language name: far above any real one
+STOP_CHARS = 500  # one stop string
 
 
 class Payload(BaseModel):
@@ -77,8 +80,7 @@ class OptionsPayload(Options):
         if value is None:
             return None
         stops = [value] if isinstance(value, str) else value
-        if len(stops) > 4 or not all(stops):
-            raise ValueError("must be a non-empty string or a list of up to 4 non-empty strings")
+        _check_stops(stops)
         return stops
 
     def to_options(self, defaults: ChatOptions) -> ChatOptions:
@@ -90,6 +92,13 @@ class OptionsPayload(Options):
             top_p=self.top_p if self.top_p is not None else defaults.top_p,
             stop=list(self.stop) if self.stop is not None else list(defaults.stop),  # type: ignore[arg-type]
             repeat_penalty=self.repeat_penalty if self.repeat_penalty is not None else defaults.repeat_penalty,
+        )
+
+
+def _check_stops(stops: list[str]) -> None:
+    if len(stops) > 4 or not all(stops) or any(len(s) > STOP_CHARS for s in stops):
+        raise ValueError(
+            f"must be a non-empty string or a list of up to 4 non-empty strings (at most {STOP_CHARS} characters each)"
         )
 
 
@@ -105,11 +114,19 @@ def chat_options(raw: Any, defaults: ChatOptions) -> ChatOptions:
 class ChatRequest(Payload):
     """The `chat` event and POST /api/chat: one user message for a stored chat."""
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=NAME_CHARS)
     content: str
-    chat_id: str | None = None
+    chat_id: str | None = Field(None, max_length=64)
     knowledge: bool | str = False
     options: dict[str, Any] | None = None
+
+    @field_validator("knowledge")
+    @classmethod
+    def _collection_name(cls, value: bool | str) -> bool | str:
+        # Checked here, before anything is stored, not when the answer searches the collection.
+        if isinstance(value, str) and not COLLECTION.match(value):
+            raise ValueError("a collection name is 1-64 letters, digits, '.', '_' or '-'")
+        return value
 
 
 # -- the OpenAI-compatible API -----------------------------------------------------------------------------
@@ -138,7 +155,7 @@ class StreamOptions(Payload):
 class CompletionRequest(Payload):
     """POST /v1/chat/completions: the fields Switchboard uses (others are accepted and ignored)."""
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=NAME_CHARS)
     messages: list[ChatMessagePayload] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -152,9 +169,8 @@ class CompletionRequest(Payload):
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value
-        if stops is not None and (len(stops) > 4 or not all(stops)):
-            raise ValueError("must be a non-empty string or a list of up to 4 non-empty strings")
+        if value is not None:
+            _check_stops([value] if isinstance(value, str) else value)
         return value
 
     def to_options(self, defaults: ChatOptions) -> ChatOptions:
@@ -168,19 +184,19 @@ class TranslateRequest(Payload):
     """The `translate` event and POST /api/translate."""
 
     text: str
-    target: str | None = None
-    source: str | None = None
-    model: str | None = Field(None, min_length=1)
+    target: str | None = Field(None, max_length=NAME_CHARS)
+    source: str | None = Field(None, max_length=NAME_CHARS)
+    model: str | None = Field(None, min_length=1, max_length=NAME_CHARS)
     request_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 class ModelRequest(Payload):
     """Download, cancel: `{model: "org/name"}` (or `local:org/name`)."""
 
-    model: str
+    model: str = Field(max_length=NAME_CHARS)
 
 
 class EngineRequest(Payload):
     """POST /api/resources/load|unload: `{engine: role | engine key | "all"}`."""
 
-    engine: str = Field(min_length=1)
+    engine: str = Field(min_length=1, max_length=NAME_CHARS)

@@ -77,7 +77,7 @@ LANGUAGES: dict[str, str] = {
     "zh": "Chinese",
     "zh-tw": "Traditional Chinese",
 }
-REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 
 
 class UnknownLanguage(BadRequest):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import socketio
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_ID = "local:HuggingFaceTB/SmolLM2-135M-Instruct"
 GREEDY = {"temperature": 0, "max_new_tokens": 48}
+TRACEBACK = "Traceback (most recent call last)"  # a Python traceback (a client may send the word itself)
 
 
 def free_port() -> int:
@@ -179,3 +181,58 @@ class EventClient:
 
     def close(self) -> None:
         self.sio.disconnect()
+
+
+def raw_request(url: str, data: bytes, timeout: float = 10) -> bytes:
+    """Send `data` as it is to the server at `url` and return everything it answers until it closes."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+        try:
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:  # the server answered and closed before reading everything
+            pass
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_body(raw: bytes) -> Any:
+    """The JSON body of a raw HTTP response."""
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])
+
+
+class Latency:
+    """GET /healthz in a loop from another thread: what another client sees meanwhile."""
+
+    def __init__(self, server) -> None:
+        self.url = server.url + "/healthz"
+        self.samples: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    ok = session.get(self.url, timeout=10).ok
+                except requests.RequestException:
+                    ok = False
+                self.samples.append(time.monotonic() - started)
+                self.failures += not ok
+                time.sleep(0.01)
+
+    def __enter__(self) -> Latency:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def p99(self) -> float:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]

@@ -10,6 +10,7 @@ from flask import Flask
 
 from core.concurrency import use_real_module_locks
 from core.config import Settings, load_settings
+from core.limits import socket_message_bytes
 from core.services import build_services
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,18 +29,22 @@ def create_app(
     from web_ui import (
         api,
         auth,
+        bodies,
         chat_api,
+        guard,
         knowledge_api,
         models_api,
         openai_api,
         pages,
         resources_api,
+        socket_guard,
         sockets,
         streaming,
         translate_sockets,
     )
     from web_ui.errors import register_error_handlers
     from web_ui.extensions import socketio
+    from web_ui.origins import OriginPolicy
 
     settings = config if isinstance(config, Settings) else load_settings(config or {})
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
@@ -52,8 +57,18 @@ def create_app(
     app.extensions["switchboard"] = build_services(
         settings, start_background=start_background, on_models_changed=lambda: [f() for f in models_changed]
     )
+    app.request_class = bodies.CheckedRequest  # get_json() returns the body check_body checked
+    origins = OriginPolicy(settings)
+    guard.init_app(app, origins)  # the Origin check, before any other hook
+    # Socket.IO messages are capped near the largest valid one (uploads go over HTTP multipart): a
+    # bigger WebSocket frame is refused from its header, before a byte of it is read.
+    message_cap = socket_message_bytes(settings.max_content_chars, settings.translation_max_chars)
     socketio.init_app(
-        app, async_mode=async_mode or _default_async_mode(), max_http_buffer_size=app.config["MAX_CONTENT_LENGTH"]
+        app,
+        async_mode=async_mode or _default_async_mode(),
+        max_http_buffer_size=message_cap,
+        serializer=socket_guard.packet_class(message_cap),
+        cors_allowed_origins=lambda origin, environ: origins.origin_allowed(origin, environ.get("HTTP_HOST")),
     )
 
     for blueprint in (pages.bp, api.bp, resources_api.bp, knowledge_api.bp, chat_api.bp, openai_api.bp):
@@ -62,9 +77,12 @@ def create_app(
     models_changed.append(broadcaster.models_changed)
     sockets.init_socketio(socketio)
     translate_sockets.init_socketio(socketio)
+    socket_guard.init_socketio(socketio)
     auth.register_auth(app, socketio)
+    app.before_request(bodies.check_body)  # after the token check: no parsing for clients without it
     register_error_handlers(app)
-    streaming.unbuffer_sse(app)  # outermost WSGI layer: SSE chunks leave eventlet as they are made
+    streaming.unbuffer_sse(app)  # SSE chunks leave eventlet as they are made
+    app.wsgi_app = guard.RequestGuard(app.wsgi_app, origins)  # outermost: Host checked before anything
     resources_api.enable_status_broadcast(app)
     use_real_module_locks()  # every library the server imports up front is loaded by now
     return app

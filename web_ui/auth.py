@@ -18,6 +18,7 @@ from flask_socketio import ConnectionRefusedError
 
 from core.errors import Unauthorized
 from web_ui.errors import render_for_path
+from web_ui.socket_guard import refuse_bad_connect
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def register_auth(app: Flask, socketio: Any) -> None:
     app.before_request(check_http)
 
     def on_connect(auth: Any = None) -> None:
+        refuse_bad_connect(auth)
         check_socket(auth)
 
     socketio.on_event("connect", on_connect)

@@ -11,6 +11,7 @@ Framework errors (404, 405, 413...) and anything unexpected get the same shapes,
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -27,20 +28,40 @@ OPENAI_STATUS = {"too_long": 400, "model_unavailable": 503}
 OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
+}
+# Codes of the framework's and the HTTP server's own refusals (the others are named after their status).
+FRAMEWORK_CODES = {
+    400: "bad_request",
+    413: "too_large",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    431: "headers_too_large",
 }
 
 
 class FrameworkError(SwitchboardError):
-    """A refusal by the web framework itself (unknown route, wrong method, body too large...)."""
+    """A refusal by the web framework or the HTTP server itself (unknown route, wrong method, too large...)."""
 
-    def __init__(self, exc: HTTPException) -> None:
-        super().__init__(exc.description or exc.name or "error")
-        self.code = (exc.name or "error").lower().replace(" ", "_")
-        self.http_status = exc.code or 500
+    def __init__(self, status: int, name: str, message: str | None = None) -> None:
+        super().__init__(message or name or "error")
+        self.code = FRAMEWORK_CODES.get(status) or (name or "error").lower().replace(" ", "_").replace("-", "_")
+        self.http_status = status
+
+    @classmethod
+    def of(cls, exc: HTTPException) -> FrameworkError:
+        return cls(exc.code or 500, exc.name or "error", exc.description)
+
+
+def printable(value: str, limit: int = 100) -> str:
+    """A client-sent value fit for a message or a log line: printable ASCII, shortened, quoted."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in value)
+    return repr(text[:limit])
 
 
 # -- Socket.IO (and SSE events that mirror it) ---------------------------------------------------------
@@ -94,6 +115,13 @@ def render_for_path(error: SwitchboardError) -> Response:
     return openai_error(error) if wants_openai_shape(request.path) else http_error(error)
 
 
+def error_json(error: SwitchboardError, path: str = "") -> tuple[int, bytes]:
+    """(status, JSON body) in the shape `path`'s surface uses, for layers below Flask (WSGI, the HTTP server)."""
+    if wants_openai_shape(path):
+        return openai_status(error), json.dumps(openai_error_body(error)).encode()
+    return error.http_status, json.dumps(error_body(error)).encode()
+
+
 def register_error_handlers(app: Flask) -> None:
     """Every error an HTTP route can end with, rendered for its surface."""
 
@@ -104,8 +132,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def on_http_error(exc: HTTPException):
-        log.warning("event=http_error code=%s status=%s", exc.name, exc.code)
-        return render_for_path(FrameworkError(exc))
+        error = FrameworkError.of(exc)
+        log.warning("event=http_error code=%s status=%s", error.code, error.http_status)
+        return render_for_path(error)
 
     @app.errorhandler(Exception)
     def on_unexpected(exc: Exception):

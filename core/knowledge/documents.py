@@ -29,7 +29,7 @@ KINDS = {
     ".htm": "html",
     ".pdf": "pdf",
 }
-COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z, not $: "$" accepts a trailing newline
 DEFAULT_COLLECTION = "default"
 
 

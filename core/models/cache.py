@@ -28,7 +28,7 @@ PARTIAL_DIR = ".partial"  # MODEL_DIR/<org>/<name>/.partial/<file>.part: resumab
 LOCK_DIR = ".locks"  # MODEL_DIR/.locks/<org>/<name>.lock; org names cannot start with '.', so no clash
 LAST_USED = ".last_used"
 READY, INCOMPLETE, MISSING = "ready", "incomplete", "not downloaded"
-_NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 

@@ -32,8 +32,8 @@ from core.concurrency import os_lock
 from core.errors import AuthFailed, BadRequest, ModelNotFound, SwitchboardError
 from core.models.cache import TOKENIZER_FILES
 
-_SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # top-level names only: no '/', no '..' start
-HEX64, HEX40 = re.compile(r"^[0-9a-f]{64}$"), re.compile(r"^[0-9a-f]{40}$")
+_SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")  # top-level names only: no '/', no '..' start
+HEX64, HEX40 = re.compile(r"^[0-9a-f]{64}\Z"), re.compile(r"^[0-9a-f]{40}\Z")
 OPTIONAL_FILES = frozenset(
     {
         "generation_config.json",

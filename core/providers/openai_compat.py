@@ -35,6 +35,7 @@ from core.providers.base import Provider, ProviderGroup
 from core.providers.memory_control import MemoryControl, memory_control
 from core.providers.watchdog import StreamWatchdog, httpx_socket, timeout_error
 from core.reasoning import Reasoning
+from core.redact import mask_secrets
 from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, StreamResult, Usage
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ NO_API_KEY = "NO_API_KEY"
 PLACEHOLDER_KEY = "no-key"  # sent when a server needs no key (the SDK insists on one)
 DISCOVERY_READ_TIMEOUT = 15.0  # seconds for GET /models once connected
 MAX_IDLE_CLIENTS = 4
+MESSAGE_LIMIT = 400  # characters of an error message, after the key is masked
+DETAIL_LIMIT = 300  # a model list's unavailability reason
 
 
 def display_url(url: str) -> str:
@@ -83,7 +86,7 @@ def _cause_names(exc: BaseException) -> set[str]:
 
 
 def _status_detail(exc: openai.APIStatusError) -> str:
-    """The server's own error text from an HTTP error body, shortened."""
+    """The server's own error text from an HTTP error body (whole: `_scrub` masks the key, then shortens)."""
     body, text = exc.body, None
     if isinstance(body, dict):
         error = body.get("error", body)
@@ -91,7 +94,7 @@ def _status_detail(exc: openai.APIStatusError) -> str:
         text = text or body.get("detail") or body.get("message")
     elif isinstance(body, str):
         text = body
-    return str(text or "").strip().replace("\n", " ")[:300]
+    return str(text or "").strip().replace("\n", " ")
 
 
 # Parameters a model may refuse while taking the request without them: dropped, or (max_tokens) renamed.
@@ -166,11 +169,9 @@ class OpenAICompatProvider(Provider):
         value = os.environ.get(self.conn.env, "").strip()
         return value or None
 
-    def _scrub(self, text: str, key: str | None) -> str:
-        """`text` with the API key (should a server or library ever echo it) masked."""
-        if key and key != PLACEHOLDER_KEY and len(key) >= 4:
-            text = text.replace(key, "***")
-        return text
+    def _scrub(self, text: str, key: str | None, limit: int = MESSAGE_LIMIT) -> str:
+        """`text` with the API key (should a server or library ever echo it, whole or cut) masked, then shortened."""
+        return mask_secrets(text, [key if key != PLACEHOLDER_KEY else None], limit)
 
     def _client(self, key: str, timeout: openai.Timeout) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.conn.base_url, api_key=key, timeout=timeout, max_retries=0)
@@ -283,9 +284,11 @@ class OpenAICompatProvider(Provider):
         if isinstance(exc, openai.APIStatusError):
             detail = _status_detail(exc)
             return self._scrub(
-                f"GET {self.url}/models failed (HTTP {exc.status_code}){': ' + detail if detail else ''}", key
+                f"GET {self.url}/models failed (HTTP {exc.status_code}){': ' + detail if detail else ''}",
+                key,
+                DETAIL_LIMIT,
             )
-        return self._scrub(f"model discovery failed: {type(exc).__name__}: {exc}", key)[:300]
+        return self._scrub(f"model discovery failed: {type(exc).__name__}: {exc}", key, DETAIL_LIMIT)
 
     # -- chat ------------------------------------------------------------------------------------
     def stream_chat(
@@ -462,9 +465,9 @@ class OpenAICompatProvider(Provider):
             what = "failed" if exc.status_code >= 500 else "rejected the request"
             error = ProviderError(f"{name} {what} (HTTP {exc.status_code}){': ' + detail if detail else ''}")
         elif isinstance(exc, openai.APIError):
-            error = ProviderError(f"{name} reported an error mid-answer: {exc.message}"[:400])
+            error = ProviderError(f"{name} reported an error mid-answer: {exc.message}")
         else:
-            error = ProviderError(f"{name} failed: {type(exc).__name__}: {exc}"[:400])
+            error = ProviderError(f"{name} failed: {type(exc).__name__}: {exc}")
         error.message = self._scrub(error.message, key)
         error.args = (error.message,)
         return error

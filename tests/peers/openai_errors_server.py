@@ -9,7 +9,8 @@ JSON, unknown or mistyped fields are a 400 in OpenAI's error shape.
 Model names (in POST /v1/chat/completions):
   ok                      streams "Hello", " world", finish_reason "stop", then a usage chunk
   status-<code>[-retry-<s>]  answers <code> with an OpenAI error body (and Retry-After: <s>)
-  echo-key-<code>         answers <code> with a message that quotes the bearer token (a careless server)
+  echo-key-<code>[-pad-<n>]  answers <code> with a message that quotes the bearer token (a careless server),
+                          after <n> characters of other text (so a cut at a fixed length can split the key)
   reject-stream-options   400 when the request has stream_options, else streams like "ok" (no usage)
   stall-first-<s>         sends the headers, then waits <s> seconds before the first chunk
   stall-after-<s>         sends one chunk, then waits <s> seconds
@@ -19,7 +20,8 @@ Model names (in POST /v1/chat/completions):
   o3-mini                 a reasoning model: 400 for max_tokens (unsupported_parameter) and for a
                           temperature or top_p other than 1 (unsupported_value); else like "ok"
   anything else           404 model_not_found, as OpenAI and vLLM answer (llama.cpp serves its one model)
-GET /v1/models lists these names; GET /_test/log returns the requests seen ({"path", "json", "auth"}).
+GET /v1/models lists these names (GET /echo-key-pad-<n>/v1/models answers 500 quoting the token after
+<n> characters); GET /_test/log returns the requests seen ({"path", "json", "auth"}).
 
     with ErrorsServer() as srv:  # srv.base_url == "http://127.0.0.1:<port>/v1"
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +54,12 @@ MODELS = [
 ]
 STREAMING = ("ok", "reject-stream-options", "no-finish", "error-after-1", "o3-mini", "drop-before-first")
 MID_STREAM_ERROR = "The server had an error while processing your request. Sorry about that!"
+
+
+def _echo_key(headers: Any, pad: int) -> str:
+    """A careless server's error message: `pad` characters, then the bearer token it was sent."""
+    token = headers.get("Authorization", "").removeprefix("Bearer ")
+    return ("x" * pad) + f"Incorrect API key provided: {token}"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -103,6 +112,9 @@ class _Handler(BaseHTTPRequestHandler):
                     "data": [{"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in MODELS],
                 },
             )
+        elif self.path.startswith("/echo-key-pad-") and self.path.endswith("/v1/models"):
+            pad = int(self.path.split("/")[1].removeprefix("echo-key-pad-"))
+            self._json(500, {"error": {"message": _echo_key(self.headers, pad)}})
         elif self.path == "/_test/log":
             self._json(200, {"requests": list(self.server.requests)})
         else:
@@ -134,8 +146,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         if model.startswith("echo-key-"):
-            token = self.headers.get("Authorization", "").removeprefix("Bearer ")
-            self._json(int(parts[2]), {"error": {"message": f"Incorrect API key provided: {token}"}})
+            pad = int(parts[4]) if len(parts) > 4 and parts[3] == "pad" else 0
+            self._json(int(parts[2]), {"error": {"message": _echo_key(self.headers, pad)}})
             return
         if not (model in STREAMING or model.startswith("stall-")):
             self._json(
@@ -234,6 +246,11 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.requests: list[dict] = []
         self.stopping = threading.Event()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client closing an idle kept-alive connection is no error (the default prints a traceback)."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class ErrorsServer:
