@@ -163,6 +163,20 @@ class CompletionRequest(Payload):
         return payload.to_options(defaults)
 
 
+class EmbeddingRequest(Payload):
+    """POST /v1/embeddings: text (a string or a list of them), not token arrays."""
+
+    model: str = Field(min_length=1)
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
 # -- translation, models, resources --------------------------------------------------------------------------
 class TranslateRequest(Payload):
     """The `translate` event and POST /api/translate."""

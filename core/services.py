@@ -12,6 +12,7 @@ from core.admission import Admission
 from core.chat import ChatService
 from core.concurrency import start_os_thread
 from core.config import Settings, parse_bytes
+from core.embeddings import EmbeddingService
 from core.errors import SwitchboardError
 from core.jobs import JobRunner
 from core.knowledge.service import KnowledgeService
@@ -47,6 +48,7 @@ class Services:
     models: ModelManager
     knowledge: KnowledgeService | None = None
     translation: TranslationService | None = None
+    embeddings: EmbeddingService | None = None
 
     def models_payload(self, refresh: bool = False) -> dict:
         return self.registry.public_listing(refresh=refresh, default=self.settings.default_model)
@@ -139,8 +141,21 @@ def build_services(
         downloads = None
         log.warning("event=downloads_disabled reason=%s", exc.message)
     models = ModelManager(cache, downloads, resources, local)
+    embeddings = EmbeddingService(router, knowledge, resources)
     services = Services(
-        settings, cache, local, registry, router, store, chat, resources, runner, models, knowledge, translation
+        settings,
+        cache,
+        local,
+        registry,
+        router,
+        store,
+        chat,
+        resources,
+        runner,
+        models,
+        knowledge,
+        translation,
+        embeddings,
     )
     if start_background and settings.prepare_bundled and local.needs_preparing():
 

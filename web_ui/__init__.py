@@ -28,6 +28,7 @@ def create_app(
         api,
         auth,
         chat_api,
+        embeddings_api,
         knowledge_api,
         models_api,
         openai_api,
@@ -55,7 +56,15 @@ def create_app(
         app, async_mode=async_mode or _default_async_mode(), max_http_buffer_size=app.config["MAX_CONTENT_LENGTH"]
     )
 
-    for blueprint in (pages.bp, api.bp, resources_api.bp, knowledge_api.bp, chat_api.bp, openai_api.bp):
+    for blueprint in (
+        pages.bp,
+        api.bp,
+        resources_api.bp,
+        knowledge_api.bp,
+        chat_api.bp,
+        openai_api.bp,
+        embeddings_api.bp,
+    ):
         app.register_blueprint(blueprint)
     broadcaster = models_api.init_app(app, socketio)  # its blueprint, handlers and event broadcasting
     models_changed.append(broadcaster.models_changed)

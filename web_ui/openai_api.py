@@ -39,14 +39,15 @@ def _model_object(model: Any) -> dict:
 
 @bp.get("/models")
 def list_models():
-    """Every model that can run now, with the registry's ids."""
+    """Every model that can run now, with the registry's ids, then the local embedding model."""
     data = [_model_object(m) for g in services().registry.groups() if g.available for m in g.models if m.available]
+    data += [_model_object(m) for m in services().embeddings.local_models() if m.available]
     return jsonify({"object": "list", "data": data})
 
 
 @bp.get("/models/<path:model_id>")
 def get_model(model_id: str):
-    _, model = services().registry.resolve(model_id)
+    model = services().embeddings.find_local(model_id) or services().registry.resolve(model_id)[1]
     if not model.available:
         raise ModelNotFound(f"model {model_id!r} is not available now: {model.reason or 'unknown reason'}")
     return jsonify(_model_object(model))

@@ -215,6 +215,25 @@ class OllamaProvider(Provider):
             },
         )
 
+    # -- embeddings ---------------------------------------------------------------------------
+    def embed(self, model: ModelInfo, texts: list[str]) -> tuple[list[list[float]], int]:
+        """POST /api/embed: one vector per text, and Ollama's count of input tokens."""
+        body = {
+            "model": model.native_name,
+            "input": texts,
+            "keep_alive": keep_alive_value(self.settings.ollama_keep_alive),
+        }
+        resp = self._request("POST", "/api/embed", json=body)
+        self._raise_for_status(resp, model.native_name)
+        try:
+            data = resp.json()
+            vectors = [[float(x) for x in v] for v in data["embeddings"]]
+        except (ValueError, KeyError, TypeError):
+            raise ProviderError(f"Ollama at {self.host} sent an unreadable /api/embed answer") from None
+        if len(vectors) != len(texts):
+            raise ProviderError(f"Ollama returned {len(vectors)} embeddings for {len(texts)} inputs")
+        return vectors, int(data.get("prompt_eval_count") or 0)
+
     # -- chat ---------------------------------------------------------------------------------
     def _chat_body(self, model: ModelInfo, messages: list[Message], options: ChatOptions) -> dict:
         opts: dict[str, Any] = {

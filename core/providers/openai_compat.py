@@ -407,6 +407,22 @@ class OpenAICompatProvider(Provider):
                 self._refused[model] = (*self._refused.get(model, ()), refused)
                 params = _adapted(params, (refused,))
 
+    # -- embeddings ------------------------------------------------------------------------------
+    def embed(self, model: ModelInfo, texts: list[str]) -> tuple[list[list[float]], int]:
+        """POST {base_url}/embeddings (floats), passed through; the server's usage, or 0."""
+        key = self._api_key()
+        if key is None:
+            raise ModelUnavailable(f"{self.display_name} is unavailable: set {self.conn.env}")
+        timeout = openai.Timeout(max(self.settings.idle_timeout, 30.0), connect=self.settings.connect_timeout)
+        try:
+            with self._client(key, timeout) as client:
+                answer = client.embeddings.create(model=model.native_name, input=texts, encoding_format="float")
+        except openai.OpenAIError as exc:
+            raise self._error(exc, model, key, streaming=False) from None
+        vectors = [list(item.embedding) for item in sorted(answer.data, key=lambda d: d.index)]
+        usage = getattr(answer, "usage", None)
+        return vectors, int(getattr(usage, "prompt_tokens", 0) or 0)
+
     # -- errors ----------------------------------------------------------------------------------
     def _timeout(self, why: str) -> ProviderTimeout:
         return timeout_error(self.display_name, why, self.settings.first_token_timeout, self.settings.idle_timeout)
