@@ -70,6 +70,8 @@ class StreamJob(ABC):
 
     #: Names the job in logs and in the `scope` of its errors ("chat", "translate").
     kind: str = ""
+    #: The API that asked (metrics label): HTTP routes set theirs; Socket.IO events keep the default.
+    surface: str = "socketio"
 
     def __init__(self, key: str, admission_key: str, limit: int | None) -> None:
         self.key = key  # what `stop` names: a chat id, a request id

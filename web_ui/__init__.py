@@ -31,6 +31,7 @@ def create_app(
         embeddings_api,
         knowledge_api,
         models_api,
+        ollama_api,
         openai_api,
         pages,
         resources_api,
@@ -64,6 +65,7 @@ def create_app(
         chat_api.bp,
         openai_api.bp,
         embeddings_api.bp,
+        ollama_api.bp,
     ):
         app.register_blueprint(blueprint)
     broadcaster = models_api.init_app(app, socketio)  # its blueprint, handlers and event broadcasting

@@ -6,6 +6,9 @@
   ended badly, `download`; the ids say which chat, request or model.
 - REST JSON: `{"error": {code, message, ...}}` with the error's HTTP status (and Retry-After).
 - OpenAI's shape for /v1: `{"error": {message, type, param, code}}`.
+- Ollama's shape for its routes under /api/: `{"error": "<message>"}` (the `ollama` client raises
+  ResponseError with it); a route marks itself with `g.api_surface`, so Ollama's POST /api/chat
+  (which shares its path with Switchboard's REST chat) gets it too.
 Framework errors (404, 405, 413...) and anything unexpected get the same shapes, never a traceback.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from core.errors import InternalError, SwitchboardError
@@ -89,9 +92,46 @@ def wants_openai_shape(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
+# -- Ollama's shape --------------------------------------------------------------------------------
+#: Routes that exist only for Ollama clients (POST /api/chat is Ollama's when its body has `messages`).
+OLLAMA_PATHS = frozenset(
+    ("/api/version", "/api/tags", "/api/ps", "/api/show", "/api/generate", "/api/embed", "/api/embeddings")
+)
+
+
+def ollama_error_line(error: SwitchboardError) -> dict[str, Any]:
+    """Ollama's error object (also the last line of a broken NDJSON stream)."""
+    return {"error": error.message}
+
+
+def ollama_error(error: SwitchboardError) -> Response:
+    response = jsonify(ollama_error_line(error))
+    response.status_code = error.http_status
+    log.warning("event=ollama_error code=%s status=%d", error.code, response.status_code)
+    return _with_retry_after(response, error)
+
+
+def request_surface() -> str:
+    """Which API the current request speaks: `g.api_surface` when its route said so, else by path."""
+    marked = g.get("api_surface")
+    if marked:
+        return marked
+    path = request.path
+    if path in OLLAMA_PATHS:
+        return "ollama"
+    if path == "/api/chat" and request.method == "POST":
+        body = request.get_json(force=True, silent=True)
+        if isinstance(body, dict) and "messages" in body and "content" not in body:
+            return "ollama"
+    return "openai" if wants_openai_shape(path) else "rest"
+
+
+RENDERERS = {"openai": openai_error, "ollama": ollama_error}
+
+
 def render_for_path(error: SwitchboardError) -> Response:
     """The error in the shape of the surface the current request belongs to."""
-    return openai_error(error) if wants_openai_shape(request.path) else http_error(error)
+    return RENDERERS.get(request_surface(), http_error)(error)
 
 
 def register_error_handlers(app: Flask) -> None:

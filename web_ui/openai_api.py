@@ -21,8 +21,8 @@ from core.errors import InternalError, ModelNotFound
 from core.payloads import CompletionRequest, parse
 from web_ui.errors import openai_error, openai_error_body
 from web_ui.extensions import services
-from web_ui.sinks import ENDINGS, Collector, Failure
-from web_ui.streaming import event_stream, guarded, sse, sse_response, start_job
+from web_ui.sinks import Collector, Failure
+from web_ui.streaming import event_stream, first_events, guarded, sse, sse_response, start_job
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def chat_completions():
     chat = services().chat
     messages = [m.to_message() for m in body.messages]
     job = chat.accept_stateless(body.model, messages, body.to_options(chat.default_options(None)))
+    job.surface = "openai"
     log.info("event=v1_chat_accepted message=%s model=%s stream=%s", job.message_id, job.model.id, body.stream)
     if not body.stream:
         collector = Collector()
@@ -148,18 +149,9 @@ class ChunkWriter:
 def _stream(job: ChatJob, include_usage: bool):
     """Wait (briefly) for the first token so an early failure gets its HTTP status; then stream."""
     sink = start_job(services().chat.runner, job)
-    early: list[tuple[str, Any]] = []
-    deadline = time.monotonic() + HEADER_WAIT_S
-    while time.monotonic() < deadline:
-        item = sink.get(max(deadline - time.monotonic(), 0.01))
-        if item is None:
-            break
-        early.append(item)
-        event, payload = item
-        if isinstance(payload, Failure):
-            return openai_error(payload.error)
-        if event in ("delta", "reasoning") or event in ENDINGS:
-            break
+    early, failure = first_events(sink, HEADER_WAIT_S)
+    if failure is not None:
+        return openai_error(failure.error)
     writer = ChunkWriter(job, include_usage)
     role = writer.chunk({"role": "assistant", "content": ""})
 

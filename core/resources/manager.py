@@ -232,6 +232,22 @@ class ResourceManager:
         with self.use_engine(engine, "chat", reason, target=model.id):
             yield engine
 
+    def release(self, provider: Any, model: ModelInfo, reason: str) -> list[str]:
+        """Unload one model now (Ollama's keep_alive 0): its local engine once its leases end, or ask the
+        runtime that holds it. Returns what was unloaded."""
+        if provider.in_process:
+            with self._switch:
+                slots = [s for s in self.slots_of(model.native_name) if s.engine.is_loaded()]
+                for slot in slots:
+                    self._unload(slot, reason)
+            self._changed()
+            return [s.key for s in slots]
+        if provider.holds_memory:
+            run_blocking(provider.unload, model)
+            self._changed()
+            return [model.id]
+        return []
+
     def prepare(self, provider: Any, model: ModelInfo, reason: str) -> None:
         """What `select_model` does: switch now (free and load) without keeping a lease."""
         with self.claim(provider, model, reason):

@@ -1,0 +1,115 @@
+"""Declared shapes of Ollama's API requests (ollama/ollama docs/api.md) as Switchboard accepts them.
+
+Ollama ignores options it does not use, so `options` here ignores unknown keys too (seed, top_k,
+num_ctx... are accepted and have no effect); the ones Switchboard has map onto ChatOptions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.payloads import OptionsPayload, Payload
+from core.types import ChatOptions, Message
+
+
+class OllamaOptions(BaseModel):
+    """`options`: the sampling fields Switchboard uses; others (seed, top_k, num_ctx...) are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    num_predict: int | None = Field(None, ge=-2, le=32768)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stop: list[str] | None = None
+    repeat_penalty: float | None = Field(None, ge=0.5, le=2)
+
+    def to_options(self, defaults: ChatOptions) -> ChatOptions:
+        """Over the server's defaults; num_predict -1 (no limit) and -2 (fill the context) keep the default."""
+        max_new = self.num_predict if self.num_predict and self.num_predict > 0 else None
+        top_p = self.top_p if self.top_p else None  # Ollama's 0 means "off", which is 1 here
+        stops = [s for s in self.stop or [] if s][:4] or None
+        return OptionsPayload(
+            max_new_tokens=max_new,
+            temperature=self.temperature,
+            top_p=top_p,
+            stop=stops,
+            repeat_penalty=self.repeat_penalty,
+        ).to_options(defaults)
+
+
+class OllamaFunctionCall(Payload):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class OllamaToolCall(Payload):
+    function: OllamaFunctionCall
+
+
+class OllamaMessage(Payload):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    thinking: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
+    tool_name: str | None = None
+
+    def to_message(self) -> Message:
+        return Message(self.role, self.content)
+
+
+KeepAlive = str | int | float | None
+Think = bool | Literal["low", "medium", "high"] | None
+
+
+class OllamaChatRequest(Payload):
+    """POST /api/chat in Ollama's shape (told apart from Switchboard's own by its `messages`)."""
+
+    model: str = Field(min_length=1)
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    stream: bool = True
+    options: OllamaOptions | None = None
+    keep_alive: KeepAlive = None
+    think: Think = None
+    format: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class OllamaGenerateRequest(Payload):
+    """POST /api/generate: one prompt (and an optional system prompt), answered with the chat template."""
+
+    model: str = Field(min_length=1)
+    prompt: str = ""
+    system: str | None = None
+    stream: bool = True
+    options: OllamaOptions | None = None
+    keep_alive: KeepAlive = None
+    think: Think = None
+    format: str | dict[str, Any] | None = None
+    images: list[str] | None = None
+
+
+class OllamaEmbedRequest(Payload):
+    """POST /api/embed (and the older /api/embeddings with `prompt`)."""
+
+    model: str = Field(min_length=1)
+    input: str | list[str] | None = None
+    prompt: str | None = None
+    truncate: bool = True
+    keep_alive: KeepAlive = None
+    dimensions: int | None = None
+
+    @property
+    def texts(self) -> list[str]:
+        if self.input is None:
+            return [self.prompt or ""]
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class OllamaShowRequest(Payload):
+    """POST /api/show: `model` (older clients send `name`)."""
+
+    model: str | None = None
+    name: str | None = None
