@@ -129,3 +129,4 @@ class StreamResult:
 
     finish_reason: str = "stop"  # stop | length | cancelled
     usage: Usage = field(default_factory=Usage)
+    stop_sequence: str | None = None  # which stop string ended it, when the runtime knows (llama.cpp)

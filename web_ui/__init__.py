@@ -25,6 +25,7 @@ def create_app(
 ) -> Flask:
     """Build the app. `config` is Settings, or a dict of overrides on top of file/env settings."""
     from web_ui import (
+        anthropic_api,
         api,
         auth,
         chat_api,
@@ -66,6 +67,7 @@ def create_app(
         openai_api.bp,
         embeddings_api.bp,
         ollama_api.bp,
+        anthropic_api.bp,
     ):
         app.register_blueprint(blueprint)
     broadcaster = models_api.init_app(app, socketio)  # its blueprint, handlers and event broadcasting

@@ -6,6 +6,7 @@
   ended badly, `download`; the ids say which chat, request or model.
 - REST JSON: `{"error": {code, message, ...}}` with the error's HTTP status (and Retry-After).
 - OpenAI's shape for /v1: `{"error": {message, type, param, code}}`.
+- Anthropic's shape for /v1/messages: `{"type": "error", "error": {type, message}}`.
 - Ollama's shape for its routes under /api/: `{"error": "<message>"}` (the `ollama` client raises
   ResponseError with it); a route marks itself with `g.api_surface`, so Ollama's POST /api/chat
   (which shares its path with Switchboard's REST chat) gets it too.
@@ -123,10 +124,40 @@ def request_surface() -> str:
         body = request.get_json(force=True, silent=True)
         if isinstance(body, dict) and "messages" in body and "content" not in body:
             return "ollama"
+    if wants_anthropic_shape(path):
+        return "anthropic"
     return "openai" if wants_openai_shape(path) else "rest"
 
 
-RENDERERS = {"openai": openai_error, "ollama": ollama_error}
+# -- Anthropic's shape -----------------------------------------------------------------------------
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def wants_anthropic_shape(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error_body(error: SwitchboardError) -> dict[str, Any]:
+    kind = ANTHROPIC_TYPES.get(openai_status(error), "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def anthropic_error(error: SwitchboardError) -> Response:
+    response = jsonify(anthropic_error_body(error))
+    response.status_code = openai_status(error)
+    log.warning("event=anthropic_error code=%s status=%d", error.code, response.status_code)
+    return _with_retry_after(response, error)
+
+
+RENDERERS = {"openai": openai_error, "ollama": ollama_error, "anthropic": anthropic_error}
 
 
 def render_for_path(error: SwitchboardError) -> Response:

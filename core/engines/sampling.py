@@ -83,6 +83,7 @@ class TextAssembler:
         self.stops = [s for s in stops if s]
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
+        self.matched: str | None = None  # the stop string that ended the text, once one did
 
     def feed(self, data: bytes) -> tuple[str, bool]:
         text = self._held + self._decoder.decode(data)
@@ -92,7 +93,9 @@ class TextAssembler:
         found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if found:
             self._held = ""
-            return text[: min(found)], True
+            cut = min(found)
+            self.matched = next(s for s in self.stops if text.find(s) == cut)
+            return text[:cut], True
         keep = self._partial_stop(text)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False

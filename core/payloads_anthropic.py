@@ -1,0 +1,91 @@
+"""Declared shapes of Anthropic Messages API requests (POST /v1/messages, /v1/messages/count_tokens).
+
+Content is a string or a list of blocks; text blocks are read, thinking blocks from earlier turns are
+dropped (the model sees its answers only), other kinds are refused with a 400 naming them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from core.errors import BadRequest
+from core.payloads import OptionsPayload, Payload
+from core.types import ChatOptions, Message
+
+#: Block kinds a conversation may carry that hold nothing for the model here.
+SKIPPED_BLOCKS = ("thinking", "redacted_thinking")
+
+
+class ContentBlock(Payload):
+    """One block of a message's content; `type` decides which other fields matter."""
+
+    type: str
+    text: str | None = None
+
+
+def block_text(content: str | list[ContentBlock], where: str) -> str:
+    """The text of a content field; BadRequest for a block kind Switchboard cannot pass on."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if block.type == "text":
+            parts.append(block.text or "")
+        elif block.type not in SKIPPED_BLOCKS:
+            raise BadRequest(f"{where}: content blocks of type {block.type!r} are not supported", param="messages")
+    return "".join(parts)
+
+
+class AnthropicMessage(Payload):
+    role: Literal["user", "assistant"]
+    content: str | list[ContentBlock]
+
+
+class ThinkingConfig(Payload):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
+
+
+class CountTokensRequest(Payload):
+    """POST /v1/messages/count_tokens: the conversation without sampling fields."""
+
+    model: str = Field(min_length=1)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[ContentBlock] | None = None
+
+    def to_messages(self) -> list[Message]:
+        out = [Message("system", block_text(self.system, "system"))] if self.system else []
+        out += [Message(m.role, block_text(m.content, f"messages.{i}")) for i, m in enumerate(self.messages)]
+        return out
+
+
+class MessagesRequest(CountTokensRequest):
+    """POST /v1/messages: the fields Switchboard uses (metadata, top_k... are accepted and ignored)."""
+
+    max_tokens: int = Field(ge=1, le=32768)
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+    thinking: ThinkingConfig | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stops(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (len(value) > 4 or not all(value)):
+            raise ValueError("at most 4 non-empty stop sequences")
+        return value
+
+    def to_options(self, defaults: ChatOptions) -> ChatOptions:
+        return OptionsPayload(
+            max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, stop=self.stop_sequences
+        ).to_options(defaults)
+
+    @property
+    def shows_thinking(self) -> bool:
+        """Reasoning goes out as thinking blocks unless the request turned thinking off."""
+        return self.thinking is None or self.thinking.type != "disabled"
