@@ -121,6 +121,8 @@ class JobRunner:
     def __init__(self, admission: Admission | None = None) -> None:
         self.admission = admission or Admission()
         self.active: dict[tuple[str, str], StreamJob] = {}  # (kind, key) -> job; kinds never collide
+        #: Called once per job after its final event, with its error (None when it finished): metrics.
+        self.observers: list[Callable[[StreamJob, SwitchboardError | None], None]] = []
         self._lock = os_lock()
 
     def check_room(self, admission_key: str, limit: int | None) -> None:
@@ -157,6 +159,7 @@ class JobRunner:
 
     def run(self, job: StreamJob, sink: Sink) -> None:
         """Run `job` to its end; its sink always gets exactly one final event (finish or fail)."""
+        error: SwitchboardError | None = None
         try:
             job.announce(sink)
             admitted = self.admission.acquire(
@@ -177,9 +180,18 @@ class JobRunner:
             if not isinstance(exc, SwitchboardError):
                 log.exception("event=job_crashed kind=%s key=%s", job.kind, job.key)
             job.flush(sink)
-            job.fail(as_switchboard_error(exc, f"the {job.kind} job"), sink)
+            error = as_switchboard_error(exc, f"the {job.kind} job")
+            job.fail(error, sink)
         finally:
             self.forget(job)
+            self._observe(job, error)
+
+    def _observe(self, job: StreamJob, error: SwitchboardError | None) -> None:
+        for observer in self.observers:
+            try:
+                observer(job, error)
+            except Exception:  # an observer never breaks a job
+                log.exception("event=job_observer_failed kind=%s", job.kind)
 
     def _produce(self, job: StreamJob, sink: Sink) -> None:
         timings = job.timings

@@ -16,6 +16,7 @@ from core.embeddings import EmbeddingService
 from core.errors import SwitchboardError
 from core.jobs import JobRunner
 from core.knowledge.service import KnowledgeService
+from core.metrics import Metrics, live_gauges
 from core.models.cache import ModelCache
 from core.models.downloads import DownloadManager
 from core.models.manager import ModelManager
@@ -49,6 +50,7 @@ class Services:
     knowledge: KnowledgeService | None = None
     translation: TranslationService | None = None
     embeddings: EmbeddingService | None = None
+    metrics: Metrics | None = None
 
     def models_payload(self, refresh: bool = False) -> dict:
         return self.registry.public_listing(refresh=refresh, default=self.settings.default_model)
@@ -156,7 +158,11 @@ def build_services(
         knowledge,
         translation,
         embeddings,
+        metrics=Metrics(),
     )
+    services.metrics.add_live(lambda: live_gauges(services))
+    runner.observers.append(services.metrics.job_ended)
+    resources.observers.append(services.metrics.resource_event)
     if start_background and settings.prepare_bundled and local.needs_preparing():
 
         def prepare() -> None:

@@ -76,3 +76,11 @@ def test_embeddings_refuse_in_openai_shape(server):
     assert caught.value.response.json()["error"]["code"] == "unauthorized"
     with openai.OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0, timeout=120) as right:
         assert len(right.embeddings.create(model=EMBED, input="hi").data) == 1
+
+
+def test_metrics_need_the_token(server):
+    for headers in ({}, {"Authorization": f"Bearer {WRONG}"}):
+        response = requests.get(server.url + "/metrics", headers=headers, timeout=10)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+    ok = requests.get(server.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert ok.status_code == 200 and "switchboard_requests_total" in ok.text

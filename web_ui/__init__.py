@@ -31,6 +31,7 @@ def create_app(
         chat_api,
         embeddings_api,
         knowledge_api,
+        metrics_api,
         models_api,
         ollama_api,
         openai_api,
@@ -68,6 +69,7 @@ def create_app(
         embeddings_api.bp,
         ollama_api.bp,
         anthropic_api.bp,
+        metrics_api.bp,
     ):
         app.register_blueprint(blueprint)
     broadcaster = models_api.init_app(app, socketio)  # its blueprint, handlers and event broadcasting

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from core.errors import InternalError, SwitchboardError
@@ -161,8 +161,12 @@ RENDERERS = {"openai": openai_error, "ollama": ollama_error, "anthropic": anthro
 
 
 def render_for_path(error: SwitchboardError) -> Response:
-    """The error in the shape of the surface the current request belongs to."""
-    return RENDERERS.get(request_surface(), http_error)(error)
+    """The error in the shape of the surface the current request belongs to (and counted in /metrics)."""
+    surface = request_surface()
+    metrics = getattr(current_app.extensions.get("switchboard"), "metrics", None)
+    if metrics is not None:
+        metrics.count_error(surface, error)
+    return RENDERERS.get(surface, http_error)(error)
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -38,6 +38,8 @@ class Engine(ABC):
 
     #: The resource manager's role name (chat, knowledge, translation): picks TTLs and switching rules.
     role: str = ""
+    #: The runtime that runs it (metrics and /api/ps label resident models with it).
+    runtime: str = "transformers"
     #: The dtype on CPU when the device is chosen automatically.
     cpu_dtype: str = "bfloat16"
     #: Whether `park_weights`/`unpark_weights` are implemented (move weights to CPU RAM and back).

@@ -57,6 +57,7 @@ class LlamaCppChatEngine(Engine):
     """One local GGUF chat model served by llama.cpp, up to `max_parallel` streams decoded together."""
 
     role = "chat"
+    runtime = "llama.cpp"
 
     def __init__(
         self,

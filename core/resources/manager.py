@@ -71,6 +71,8 @@ class ResourceManager:
         self.last_switch: dict[str, Any] | None = None
         self.current_kind: str | None = None
         self.listeners: list[Callable[[], None]] = []
+        #: Called with ("load" | "unload" | "switch", what was measured) after each one: metrics.
+        self.observers: list[Callable[[str, dict[str, Any]], None]] = []
         self._cond = threading.Condition()
         self._switch = threading.RLock()
         #: Providers that hold memory of their own (Ollama): released before a local model loads.
@@ -111,6 +113,13 @@ class ResourceManager:
             except Exception:
                 log.exception("event=resource_listener_failed")
 
+    def _observe(self, action: str, info: dict[str, Any]) -> None:
+        for observer in self.observers:
+            try:
+                observer(action, info)
+            except Exception:
+                log.exception("event=resource_observer_failed action=%s", action)
+
     def _wait_for_leases(self, slot: Slot) -> None:
         with self._cond:
             slot.unload_pending = True
@@ -121,10 +130,21 @@ class ResourceManager:
 
     # -- loading and unloading -------------------------------------------------------------------
     def _measured(self, action: str, slot: Slot, reason: str, fn: Callable[[], None]) -> None:
+        engine = slot.engine
+        expected = engine.expected_bytes() if action == "load" else 0
         before, started = memory.snapshot(), time.monotonic()
         run_blocking(fn)
         after = memory.snapshot()
-        engine = slot.engine
+        self._observe(
+            action,
+            {
+                "model": str(ModelId.local(getattr(engine, "model_id", "?"))),
+                "reason": reason,
+                "seconds": time.monotonic() - started,
+                "expected": expected,
+                "measured": engine.memory_bytes(),
+            },
+        )
         log.info(
             "event=engine_%s engine=%s model=%s device=%s reason=%s took_ms=%d bytes=%d %s",
             action,
@@ -276,6 +296,7 @@ class ResourceManager:
                 b["allocated"] - a["allocated"] for b, a in zip(before["cuda"], after["cuda"], strict=False)
             ),
         }
+        self._observe("switch", {"from": previous, "to": target, "seconds": time.monotonic() - started})
         log.info(
             "event=model_switch from=%s to=%s reason=%s unloaded=%s took_ms=%d %s",
             previous,
@@ -353,6 +374,7 @@ class ResourceManager:
                     "model": getattr(s.engine, "model_id", None),
                     "state": "unloading" if s.unload_pending and s.engine.is_loaded() else s.engine.state,
                     "device": getattr(s.engine, "device", None),
+                    "runtime": getattr(s.engine, "runtime", None),
                     "bytes": s.engine.memory_bytes(),
                     "last_used": s.last_used,
                     "leases": s.leases,
