@@ -17,7 +17,7 @@ from core.concurrency import run_blocking
 from core.config import Settings
 from core.errors import BadRequest, Busy, EmptyContent, NotFound, SwitchboardError, TooLong
 from core.jobs import JobRunner, Sink, StreamJob
-from core.payloads import ChatRequest, chat_options, parse
+from core.payloads import ChatRequest, chat_options, parse, with_output
 from core.providers.base import Provider
 from core.reasoning import Reasoning, ThinkSplitter
 from core.router import Router
@@ -230,7 +230,7 @@ class ChatService:
         content = self._check_content(request.content)
         if request.knowledge and self.knowledge is None:
             raise BadRequest("knowledge-assisted chat is not available on this server", param="knowledge")
-        options = chat_options(request.options, self._defaults())
+        options = with_output(chat_options(request.options, self._defaults()), request.response_format)
         provider, model = self.router.route(request.model)
         self.runner.check_room(model.id, provider.concurrency(model))
         chat_id = request.chat_id

@@ -9,12 +9,13 @@ Top-level payloads ignore fields they do not know (clients may send more than a 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.errors import BadRequest
-from core.types import ChatOptions, Message
+from core.types import ChatOptions, Message, OutputFormat
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -102,6 +103,36 @@ def chat_options(raw: Any, defaults: ChatOptions) -> ChatOptions:
     return parse(OptionsPayload, raw, "options", prefix="options.").to_options(defaults)
 
 
+class JsonSchemaSpec(Payload):
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(Payload):
+    """`response_format` in OpenAI's shape: text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    def to_output(self) -> OutputFormat | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return OutputFormat("json_object")
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise BadRequest("response_format.json_schema.schema is required", param="response_format")
+        spec = self.json_schema
+        return OutputFormat("json_schema", spec.schema_, spec.name, spec.strict)
+
+
+def with_output(options: ChatOptions, response_format: ResponseFormat | None) -> ChatOptions:
+    """`options` with the constrained output a request asked for (unchanged without one)."""
+    output = response_format.to_output() if response_format is not None else None
+    return replace(options, output=output) if output is not None else options
+
+
 class ChatRequest(Payload):
     """The `chat` event and POST /api/chat: one user message for a stored chat."""
 
@@ -110,6 +141,7 @@ class ChatRequest(Payload):
     chat_id: str | None = None
     knowledge: bool | str = False
     options: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
 
 # -- the OpenAI-compatible API -----------------------------------------------------------------------------
@@ -148,6 +180,7 @@ class CompletionRequest(Payload):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -160,7 +193,7 @@ class CompletionRequest(Payload):
     def to_options(self, defaults: ChatOptions) -> ChatOptions:
         max_new = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         payload = OptionsPayload(max_new_tokens=max_new, temperature=self.temperature, top_p=self.top_p, stop=self.stop)
-        return payload.to_options(defaults)
+        return with_output(payload.to_options(defaults), self.response_format)
 
 
 class EmbeddingRequest(Payload):

@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 
 from core.errors import BadRequest
 from core.payloads import OptionsPayload, Payload
-from core.types import ChatOptions, Message
+from core.types import ChatOptions, Message, OutputFormat
 
 #: Block kinds a conversation may carry that hold nothing for the model here.
 SKIPPED_BLOCKS = ("thinking", "redacted_thinking")
@@ -48,6 +48,18 @@ class ThinkingConfig(Payload):
     budget_tokens: int | None = None
 
 
+class OutputFormatPayload(Payload):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(Payload):
+    """`output_config`: `format` asks for JSON matching a schema; `effort` is accepted and ignored."""
+
+    format: OutputFormatPayload | None = None
+    effort: str | None = None
+
+
 class CountTokensRequest(Payload):
     """POST /v1/messages/count_tokens: the conversation without sampling fields."""
 
@@ -72,6 +84,7 @@ class MessagesRequest(CountTokensRequest):
     thinking: ThinkingConfig | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
+    output_config: OutputConfig | None = None
 
     @field_validator("stop_sequences")
     @classmethod
@@ -81,9 +94,13 @@ class MessagesRequest(CountTokensRequest):
         return value
 
     def to_options(self, defaults: ChatOptions) -> ChatOptions:
-        return OptionsPayload(
+        options = OptionsPayload(
             max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, stop=self.stop_sequences
         ).to_options(defaults)
+        fmt = self.output_config.format if self.output_config else None
+        if fmt is not None:
+            options.output = OutputFormat("json_schema", fmt.schema_)
+        return options
 
     @property
     def shows_thinking(self) -> bool:

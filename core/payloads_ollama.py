@@ -10,8 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.errors import BadRequest
 from core.payloads import OptionsPayload, Payload
-from core.types import ChatOptions, Message
+from core.types import ChatOptions, Message, OutputFormat
 
 
 class OllamaOptions(BaseModel):
@@ -58,6 +59,17 @@ class OllamaMessage(Payload):
 
     def to_message(self) -> Message:
         return Message(self.role, self.content)
+
+
+def format_output(fmt: str | dict[str, Any] | None) -> OutputFormat | None:
+    """Ollama's `format`: "json" (any JSON) or a JSON schema object."""
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return OutputFormat("json_object")
+    if isinstance(fmt, dict):
+        return OutputFormat("json_schema", fmt)
+    raise BadRequest(f'invalid format {fmt!r}: use "json" or a JSON schema', param="format")
 
 
 KeepAlive = str | int | float | None

@@ -21,6 +21,16 @@ class Message:
         return {"role": self.role, "content": self.content}
 
 
+@dataclass(frozen=True)
+class OutputFormat:
+    """What shape the answer must have: any JSON object (`json_object`), or JSON matching `schema`."""
+
+    kind: str  # "json_object" | "json_schema"
+    schema: dict | None = None
+    name: str | None = None
+    strict: bool | None = None
+
+
 @dataclass
 class ChatOptions:
     """Sampling options common to every backend; `temperature == 0` means greedy decoding.
@@ -35,6 +45,8 @@ class ChatOptions:
     #: Penalty on tokens seen in the last 64; None: the runtime's default (llama.cpp 1.1, as Ollama and
     #: llama.cpp's servers use; transformers and other backends none).
     repeat_penalty: float | None = None
+    #: Constrained output (JSON); None: free text.
+    output: OutputFormat | None = None
 
 
 class CancelToken(Protocol):

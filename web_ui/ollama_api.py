@@ -25,6 +25,7 @@ from core.payloads_ollama import (
     OllamaEmbedRequest,
     OllamaGenerateRequest,
     OllamaShowRequest,
+    format_output,
 )
 from core.types import Message, ModelInfo
 from web_ui import ollama_shapes as shapes
@@ -198,6 +199,7 @@ def _answer(req: Any, messages: list[Message], chat: bool):
         return _load_or_unload(provider, model, name, req.keep_alive, chat)
     defaults = svc.chat.default_options(None)
     options = req.options.to_options(defaults) if req.options else defaults
+    options.output = format_output(req.format)
     job = svc.chat.accept_stateless(model.id, messages, options)
     job.surface = SURFACE
     log.info("event=ollama_chat_accepted message=%s model=%s stream=%s", job.message_id, model.id, req.stream)

@@ -30,6 +30,7 @@ class Sampler:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         history: list[int] | None = None,
+        constraint: Any = None,
     ) -> None:
         import numpy as np
 
@@ -39,10 +40,20 @@ class Sampler:
         self.recent: list[int] = list(history or [])[-PENALTY_WINDOW:]
         self._np = np
         self._rng = np.random.default_rng(seed)
+        #: Which tokens may come next (core.engines.grammar.GrammarConstraint), or None.
+        self.constraint = constraint
 
     def pick(self, logits: Any) -> int:
         """The next token; `logits` may be changed in place (it is the loop's scratch row)."""
-        token = self._choose(self._penalize(logits))
+        logits = self._penalize(logits)
+        constraint = self.constraint
+        if constraint is None:
+            token = self._choose(logits)
+        else:  # choose freely; only when the grammar refuses that token, mask and choose again
+            token = self._choose(logits)
+            if not constraint.allows(token):
+                token = self._choose(constraint.mask(logits))
+            constraint.accept(token)
         self.recent = [*self.recent[-(PENALTY_WINDOW - 1) :], token]
         return token
 

@@ -243,7 +243,11 @@ class OllamaProvider(Provider):
         }
         if options.stop:
             opts["stop"] = list(options.stop)
+        extra: dict[str, Any] = {}
+        if options.output is not None:
+            extra["format"] = "json" if options.output.kind == "json_object" else options.output.schema
         return {
+            **extra,
             "model": model.native_name,
             "messages": [m.to_dict() for m in messages],
             "stream": True,

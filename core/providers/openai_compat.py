@@ -34,7 +34,7 @@ from core.errors import (
 from core.providers.base import Provider, ProviderGroup
 from core.providers.watchdog import StreamWatchdog, httpx_socket, timeout_error
 from core.reasoning import Reasoning
-from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, StreamResult, Usage
+from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, OutputFormat, StreamResult, Usage
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,16 @@ def _adapted(params: dict[str, Any], refused: tuple[str, ...]) -> dict[str, Any]
         if name == "max_tokens" and value is not None:
             out["max_completion_tokens"] = value
     return out
+
+
+def response_format(output: OutputFormat) -> dict[str, Any]:
+    """OpenAI's `response_format` for a constrained output."""
+    if output.kind == "json_object":
+        return {"type": "json_object"}
+    spec: dict[str, Any] = {"name": output.name or "response", "schema": output.schema}
+    if output.strict is not None:
+        spec["strict"] = output.strict
+    return {"type": "json_schema", "json_schema": spec}
 
 
 class OpenAICompatProvider(Provider):
@@ -311,6 +321,8 @@ class OpenAICompatProvider(Provider):
         }
         if options.stop:
             params["stop"] = list(options.stop)
+        if options.output is not None:
+            params["response_format"] = response_format(options.output)
         # Once the body flows the read timeout is only a backstop: the watchdog enforces the limits.
         client = self._take_client(key)
         started, chunks, finish, usage = time.monotonic(), 0, None, None
