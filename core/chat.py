@@ -22,6 +22,7 @@ from core.providers.base import Provider
 from core.reasoning import Reasoning, ThinkSplitter
 from core.router import Router
 from core.storage import ChatStore, new_id
+from core.tools import ToolCallDelta, ToolCalls
 from core.types import ChatOptions, Message, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class ChatJob(StreamJob):
         self.pieces_sent = 0  # `index` of the next delta/reasoning event
         self.parts: dict[str, list[str]] = {"content": [], "reasoning": []}
         self._splitter = ThinkSplitter()
+        self.tools = ToolCalls()  # the tool calls of the answer, from their fragments
 
     @property
     def stored(self) -> bool:
@@ -118,9 +120,16 @@ class ChatJob(StreamJob):
 
     def deliver(self, pieces: list[Any], sink: Sink) -> bool:
         split: list[tuple[str, str]] = []
+        sent = False
         for piece in pieces:
+            if isinstance(piece, ToolCallDelta):  # relayed at once, after the text before it
+                sent, split = self._emit(split, sink) or sent, []
+                self.tools.add(piece)
+                sink.emit("tool_call_delta", {**self.ids, **piece.public()})
+                sent = True
+                continue
             split += [("reasoning", piece.text)] if isinstance(piece, Reasoning) else self._splitter.feed(piece)
-        return self._emit(split, sink)
+        return self._emit(split, sink) or sent
 
     def flush(self, sink: Sink) -> bool:
         return self._emit(self._splitter.flush(), sink)
@@ -156,6 +165,8 @@ class ChatJob(StreamJob):
                 reasoning="".join(self.parts["reasoning"]) or None,
                 citations=self.citations,
             )
+        if self.tools:
+            sink.emit("tool_calls", {**self.ids, "tool_calls": [call.to_openai() for call in self.tools.calls()]})
         sink.emit(
             "done",
             {**self.ids, "finish_reason": result.finish_reason, "usage": result.usage.to_dict(), "timings": timings},
@@ -231,6 +242,7 @@ class ChatService:
         if request.knowledge and self.knowledge is None:
             raise BadRequest("knowledge-assisted chat is not available on this server", param="knowledge")
         options = with_output(chat_options(request.options, self._defaults()), request.response_format)
+        options.tools, options.tool_choice = request.tool_list(), request.tool_choice
         provider, model = self.router.route(request.model)
         self.runner.check_room(model.id, provider.concurrency(model))
         chat_id = request.chat_id
@@ -254,7 +266,8 @@ class ChatService:
 
     def accept_stateless(self, model_id: str, messages: list[Message], options: ChatOptions) -> ChatJob:
         """A request that brings its own conversation (the /v1 API): routed and admitted, never stored."""
-        self._check_content(messages[-1].content, "the last message's content", param="messages")
+        if messages[-1].role != "tool":  # a tool's result may be empty; a question may not
+            self._check_content(messages[-1].content, "the last message's content", param="messages")
         provider, model = self.router.route(model_id)
         self.runner.check_room(model.id, provider.concurrency(model))
         message_id = new_id()

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.errors import BadRequest
-from core.types import ChatOptions, Message, OutputFormat
+from core.types import ChatOptions, Message, OutputFormat, ToolCall
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -133,6 +133,27 @@ def with_output(options: ChatOptions, response_format: ResponseFormat | None) ->
     return replace(options, output=output) if output is not None else options
 
 
+class FunctionSpec(Payload):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(Payload):
+    """A tool in OpenAI's shape (the one Switchboard uses inside): a function the model may call."""
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+ToolChoice = Literal["auto", "none", "required"] | dict[str, Any] | None
+
+
+def tool_dicts(tools: list[ToolSpec] | None) -> list[dict] | None:
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
+
+
 class ChatRequest(Payload):
     """The `chat` event and POST /api/chat: one user message for a stored chat."""
 
@@ -142,6 +163,11 @@ class ChatRequest(Payload):
     knowledge: bool | str = False
     options: dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice = None
+
+    def tool_list(self) -> list[dict] | None:
+        return tool_dicts(self.tools)
 
 
 # -- the OpenAI-compatible API -----------------------------------------------------------------------------
@@ -150,17 +176,34 @@ class TextPart(Payload):
     text: str | None = None
 
 
-class ChatMessagePayload(Payload):
-    """One message of a /v1 request: content is a string or a list of content parts (text ones kept)."""
+class FunctionCallPayload(Payload):
+    name: str
+    arguments: str = "{}"
 
-    role: Literal["system", "developer", "user", "assistant"]
+
+class ToolCallPayload(Payload):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallPayload
+
+
+class ChatMessagePayload(Payload):
+    """One message of a /v1 request: content is a string or a list of content parts (text ones kept);
+    an assistant turn may carry `tool_calls`, a `tool` turn answers one (`tool_call_id`)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallPayload] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def to_message(self) -> Message:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text or "" for part in content if part.type == "text")
-        return Message("system" if self.role == "developer" else self.role, content or "")
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or [])
+        role = "system" if self.role == "developer" else self.role
+        return Message(role, content or "", calls, self.tool_call_id, self.name)
 
 
 class StreamOptions(Payload):
@@ -181,6 +224,8 @@ class CompletionRequest(Payload):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice = None
 
     @field_validator("stop")
     @classmethod
@@ -193,7 +238,8 @@ class CompletionRequest(Payload):
     def to_options(self, defaults: ChatOptions) -> ChatOptions:
         max_new = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         payload = OptionsPayload(max_new_tokens=max_new, temperature=self.temperature, top_p=self.top_p, stop=self.stop)
-        return with_output(payload.to_options(defaults), self.response_format)
+        options = with_output(payload.to_options(defaults), self.response_format)
+        return replace(options, tools=tool_dicts(self.tools), tool_choice=self.tool_choice)
 
 
 class EmbeddingRequest(Payload):

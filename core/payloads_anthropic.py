@@ -6,13 +6,14 @@ dropped (the model sees its answers only), other kinds are refused with a 400 na
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from core.errors import BadRequest
 from core.payloads import OptionsPayload, Payload
-from core.types import ChatOptions, Message, OutputFormat
+from core.types import ChatOptions, Message, OutputFormat, ToolCall
 
 #: Block kinds a conversation may carry that hold nothing for the model here.
 SKIPPED_BLOCKS = ("thinking", "redacted_thinking")
@@ -23,12 +24,17 @@ class ContentBlock(Payload):
 
     type: str
     text: str | None = None
+    id: str | None = None  # tool_use
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None  # tool_result
+    content: str | list[ContentBlock] | None = None
 
 
-def block_text(content: str | list[ContentBlock], where: str) -> str:
+def block_text(content: str | list[ContentBlock] | None, where: str) -> str:
     """The text of a content field; BadRequest for a block kind Switchboard cannot pass on."""
-    if isinstance(content, str):
-        return content
+    if content is None or isinstance(content, str):
+        return content or ""
     parts = []
     for block in content:
         if block.type == "text":
@@ -41,6 +47,43 @@ def block_text(content: str | list[ContentBlock], where: str) -> str:
 class AnthropicMessage(Payload):
     role: Literal["user", "assistant"]
     content: str | list[ContentBlock]
+
+    def to_messages(self, where: str) -> list[Message]:
+        """This turn as Switchboard messages: tool_use blocks become tool calls, tool_result blocks `tool` turns."""
+        if isinstance(self.content, str):
+            return [Message(self.role, self.content)]
+        blocks = self.content
+        results = [b for b in blocks if b.type == "tool_result"]
+        uses = [b for b in blocks if b.type == "tool_use"]
+        rest = [b for b in blocks if b.type not in ("tool_result", "tool_use")]
+        out = [Message("tool", block_text(b.content, where), tool_call_id=b.tool_use_id) for b in results]
+        calls = tuple(ToolCall(b.id or "", b.name or "", json.dumps(b.input or {})) for b in uses)
+        text = block_text(rest, where)
+        if text or calls or not out:
+            out.append(Message(self.role, text, calls))
+        return out
+
+
+class AnthropicTool(Payload):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+    def to_openai(self) -> dict[str, Any]:
+        function = {"name": self.name, "parameters": self.input_schema}
+        if self.description:
+            function["description"] = self.description
+        return {"type": "function", "function": function}
+
+
+class AnthropicToolChoice(Payload):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+
+    def to_openai(self) -> str | dict[str, Any]:
+        if self.type == "tool":
+            return {"type": "function", "function": {"name": self.name}}
+        return {"auto": "auto", "any": "required", "none": "none"}[self.type]
 
 
 class ThinkingConfig(Payload):
@@ -69,7 +112,8 @@ class CountTokensRequest(Payload):
 
     def to_messages(self) -> list[Message]:
         out = [Message("system", block_text(self.system, "system"))] if self.system else []
-        out += [Message(m.role, block_text(m.content, f"messages.{i}")) for i, m in enumerate(self.messages)]
+        for i, message in enumerate(self.messages):
+            out += message.to_messages(f"messages.{i}")
         return out
 
 
@@ -82,8 +126,8 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = Field(None, gt=0, le=1)
     stream: bool = False
     thinking: ThinkingConfig | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: dict[str, Any] | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
     output_config: OutputConfig | None = None
 
     @field_validator("stop_sequences")
@@ -100,6 +144,9 @@ class MessagesRequest(CountTokensRequest):
         fmt = self.output_config.format if self.output_config else None
         if fmt is not None:
             options.output = OutputFormat("json_schema", fmt.schema_)
+        if self.tools:
+            options.tools = [t.to_openai() for t in self.tools]
+            options.tool_choice = self.tool_choice.to_openai() if self.tool_choice else None
         return options
 
     @property

@@ -6,13 +6,14 @@ num_ctx... are accepted and have no effect); the ones Switchboard has map onto C
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import BadRequest
-from core.payloads import OptionsPayload, Payload
-from core.types import ChatOptions, Message, OutputFormat
+from core.payloads import OptionsPayload, Payload, ToolSpec, tool_dicts
+from core.types import ChatOptions, Message, OutputFormat, ToolCall
 
 
 class OllamaOptions(BaseModel):
@@ -57,7 +58,17 @@ class OllamaMessage(Payload):
     tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
 
-    def to_message(self) -> Message:
+    def to_message(self, call_ids: dict[str, str]) -> Message:
+        """As a Switchboard message; a tool result gets the id of the latest call of its tool (`call_ids`)."""
+        if self.tool_calls:
+            calls = tuple(
+                ToolCall(f"call_{i}", c.function.name, json.dumps(c.function.arguments))
+                for i, c in enumerate(self.tool_calls)
+            )
+            call_ids.update({c.name: c.id for c in calls})
+            return Message(self.role, self.content, calls)
+        if self.role == "tool":
+            return Message("tool", self.content, tool_call_id=call_ids.get(self.tool_name or ""), name=self.tool_name)
         return Message(self.role, self.content)
 
 
@@ -86,7 +97,14 @@ class OllamaChatRequest(Payload):
     keep_alive: KeepAlive = None
     think: Think = None
     format: str | dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolSpec] | None = None
+
+    def tool_list(self) -> list[dict] | None:
+        return tool_dicts(self.tools)
+
+    def to_messages(self) -> list[Message]:
+        call_ids: dict[str, str] = {}
+        return [m.to_message(call_ids) for m in self.messages]
 
 
 class OllamaGenerateRequest(Payload):

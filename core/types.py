@@ -11,14 +11,35 @@ ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function the model asked to call: `arguments` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
 class Message:
-    """One turn of a conversation as a model sees it."""
+    """One turn of a conversation as a model sees it (an assistant turn may call tools; a `tool` turn
+    answers the call `tool_call_id`)."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None  # the tool's name on a `tool` turn (Ollama wants it)
 
     def to_dict(self) -> dict:
-        return {"role": self.role, "content": self.content}
+        data: dict = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            data["tool_calls"] = [call.to_openai() for call in self.tool_calls]
+        if self.tool_call_id:
+            data["tool_call_id"] = self.tool_call_id
+        return data
 
 
 @dataclass(frozen=True)
@@ -47,6 +68,9 @@ class ChatOptions:
     repeat_penalty: float | None = None
     #: Constrained output (JSON); None: free text.
     output: OutputFormat | None = None
+    #: Tools the model may call, in OpenAI's function shape, and how it must choose (auto, none, required...).
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
 
 
 class CancelToken(Protocol):
@@ -139,6 +163,6 @@ class ModelInfo:
 class StreamResult:
     """What a finished generation reports after its last delta."""
 
-    finish_reason: str = "stop"  # stop | length | cancelled
+    finish_reason: str = "stop"  # stop | length | cancelled | tool_calls
     usage: Usage = field(default_factory=Usage)
     stop_sequence: str | None = None  # which stop string ended it, when the runtime knows (llama.cpp)

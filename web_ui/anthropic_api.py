@@ -11,6 +11,7 @@ the access token may come as `x-api-key` (what the SDK sends) or as a Bearer tok
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,8 @@ def stop_reason(job: ChatJob, finish: str | None) -> tuple[str, str | None]:
     """(stop_reason, stop_sequence) from how the job ended."""
     if finish == "length":
         return "max_tokens", None
+    if finish == "tool_calls":
+        return "tool_use", None
     if job.result.stop_sequence:
         return "stop_sequence", job.result.stop_sequence
     return "end_turn", None
@@ -102,7 +105,10 @@ def _message(job: ChatJob, collector: Collector, thinking: bool):
     content: list[dict[str, Any]] = []
     if thinking and collector.reasoning:
         content.append({"type": "thinking", "thinking": "".join(collector.reasoning), "signature": ""})
-    content.append({"type": "text", "text": "".join(collector.content)})
+    text = "".join(collector.content)
+    if text or not collector.tool_calls:
+        content.append({"type": "text", "text": text})
+    content += [tool_use_block(call) for call in collector.tool_calls]
     reason, sequence = stop_reason(job, done.get("finish_reason"))
     return jsonify(
         {
@@ -118,13 +124,23 @@ def _message(job: ChatJob, collector: Collector, thinking: bool):
     )
 
 
+def tool_use_block(call: dict) -> dict[str, Any]:
+    """An OpenAI-shaped tool call as Anthropic's tool_use block (arguments parsed into `input`)."""
+    function = call.get("function") or {}
+    try:
+        arguments = json.loads(function.get("arguments") or "{}")
+    except ValueError:
+        arguments = {}
+    return {"type": "tool_use", "id": call.get("id"), "name": function.get("name"), "input": arguments}
+
+
 class EventWriter:
     """Turns a chat job's events into Anthropic's stream events, opening a block per kind of piece."""
 
     def __init__(self, job: ChatJob, thinking: bool) -> None:
         self.job, self.thinking = job, thinking
         self.index = -1
-        self.open: str | None = None  # the kind of the block being written: "text" | "thinking"
+        self.open: str | None = None  # the kind of the block being written: "text" | "thinking" | "tool:<n>"
 
     @staticmethod
     def _event(name: str, data: dict) -> bytes:
@@ -165,6 +181,21 @@ class EventWriter:
         out.append(self._event("content_block_delta", {"index": self.index, "delta": delta}))
         return out
 
+    def _tool(self, delta: dict) -> list[bytes]:
+        """A fragment of a tool call: a tool_use block per call, its arguments as input_json_delta."""
+        out = []
+        kind = f"tool:{delta['index']}"
+        if self.open != kind:
+            out += self._close()
+            self.index += 1
+            self.open = kind
+            block = {"type": "tool_use", "id": delta.get("id"), "name": delta.get("name"), "input": {}}
+            out.append(self._event("content_block_start", {"index": self.index, "content_block": block}))
+        if delta.get("arguments"):
+            json_delta = {"type": "input_json_delta", "partial_json": delta["arguments"]}
+            out.append(self._event("content_block_delta", {"index": self.index, "delta": json_delta}))
+        return out
+
     def render(self, event: str, payload: Any) -> list[bytes]:
         if isinstance(payload, Failure):
             log.warning("event=anthropic_stream_error message=%s code=%s", self.job.message_id, payload.error.code)
@@ -173,6 +204,8 @@ class EventWriter:
             return self._piece("text", payload["content"])
         if event == "reasoning" and self.thinking:
             return self._piece("thinking", payload["content"])
+        if event == "tool_call_delta":
+            return self._tool(payload)
         if event == "done":
             reason, sequence = stop_reason(self.job, payload.get("finish_reason"))
             out = self._close() if self.index >= 0 else self._piece("text", "") + self._close()

@@ -174,7 +174,7 @@ def chat(body: Any):
     """POST /api/chat in Ollama's shape (called by chat_api for bodies with `messages`)."""
     g.api_surface = SURFACE
     req = parse(OllamaChatRequest, body, "the request body")
-    messages = [m.to_message() for m in req.messages]
+    messages = req.to_messages()
     return _answer(req, messages, chat=True)
 
 
@@ -200,6 +200,7 @@ def _answer(req: Any, messages: list[Message], chat: bool):
     defaults = svc.chat.default_options(None)
     options = req.options.to_options(defaults) if req.options else defaults
     options.output = format_output(req.format)
+    options.tools = req.tool_list() if chat else None
     job = svc.chat.accept_stateless(model.id, messages, options)
     job.surface = SURFACE
     log.info("event=ollama_chat_accepted message=%s model=%s stream=%s", job.message_id, model.id, req.stream)
@@ -269,10 +270,30 @@ class _Writer:
             return [self._line(shapes.answer_object(self.name, self.chat, payload["content"], None, False))]
         if event == "reasoning" and self.show_thinking:
             return [self._line(shapes.answer_object(self.name, self.chat, "", payload["content"], False))]
+        if event == "tool_calls" and self.chat:
+            obj = shapes.answer_object(self.name, self.chat, "", None, False)
+            obj["message"]["tool_calls"] = ollama_tool_calls(payload["tool_calls"])
+            return [self._line(obj)]
         if event == "done":
             return [self._line(self._final("", None, payload))]
         return []
 
     def whole(self, collector: Collector) -> dict:
         thinking = "".join(collector.reasoning) if self.show_thinking else None
-        return self._final("".join(collector.content), thinking or None, collector.done or {})
+        obj = self._final("".join(collector.content), thinking or None, collector.done or {})
+        if collector.tool_calls and self.chat:
+            obj["message"]["tool_calls"] = ollama_tool_calls(collector.tool_calls)
+        return obj
+
+
+def ollama_tool_calls(calls: list[dict]) -> list[dict]:
+    """OpenAI-shaped calls as Ollama sends them: arguments as an object, no id."""
+    out = []
+    for call in calls:
+        function = call.get("function") or {}
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except ValueError:
+            arguments = {}
+        out.append({"function": {"name": function.get("name"), "arguments": arguments}})
+    return out

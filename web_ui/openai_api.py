@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("openai_api", __name__, url_prefix="/v1")
 
 HEADER_WAIT_S = 10.0  # hold the response headers this long for the first token (to report errors as HTTP)
-FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "tool_calls": "tool_calls"}
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -81,6 +81,9 @@ def _completion(job: ChatJob, collector: Collector):
         failure = collector.failure or Failure(InternalError("the answer never ended; see the server log"))
         return openai_error(failure.error)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(collector.content)}
+    if collector.tool_calls:
+        message["tool_calls"] = collector.tool_calls
+        message["content"] = message["content"] or None
     if collector.reasoning:
         message["reasoning_content"] = "".join(collector.reasoning)
     return jsonify(
@@ -136,6 +139,8 @@ class ChunkWriter:
             return [self.chunk({"content": payload["content"]})]
         if event == "reasoning":
             return [self.chunk({"reasoning_content": payload["content"]})]
+        if event == "tool_call_delta":
+            return [self.chunk({"tool_calls": [tool_call_chunk(payload)]})]
         if event == "queued":
             return [f": queued at position {payload.get('position')}\n\n".encode()]
         if event == "done":
@@ -144,6 +149,16 @@ class ChunkWriter:
                 out.append(sse(None, self._object([], _usage(payload.get("usage")))))
             return [*out, sse(None, "[DONE]")]
         return []  # chat_started, citations: nothing in OpenAI's format
+
+
+def tool_call_chunk(delta: dict) -> dict:
+    """A `tool_call_delta` event as OpenAI streams it: id, type and name on a call's first fragment only."""
+    call: dict[str, Any] = {"index": delta["index"], "function": {"arguments": delta["arguments"]}}
+    if delta.get("id"):
+        call["id"], call["type"] = delta["id"], "function"
+    if delta.get("name"):
+        call["function"]["name"] = delta["name"]
+    return call
 
 
 def _stream(job: ChatJob, include_usage: bool):

@@ -89,7 +89,7 @@ def first_events(sink: QueueSink, wait_s: float) -> tuple[list[tuple[str, Any]],
         event, payload = item
         if isinstance(payload, Failure):
             return early, payload
-        if event in ("delta", "reasoning") or event in ENDINGS:
+        if event in ("delta", "reasoning", "tool_call_delta") or event in ENDINGS:
             break
     return early, None
 

@@ -253,6 +253,12 @@ class LocalProvider(Provider):
         emit: Callable[[Any], None],
     ) -> None:
         engine = self.engine_for(model)
+        if options.tools:
+            raise BadRequest(
+                f"{model.name}: tools need a model whose chat template supports them; local models do not "
+                "take tools here yet",
+                param="tools",
+            )
         if options.output is not None and not isinstance(engine, LlamaCppChatEngine):
             raise BadRequest(
                 f"{model.name} runs on transformers, which has no constrained decoding here; "

@@ -34,6 +34,7 @@ from core.errors import (
 from core.providers.base import Provider, ProviderGroup
 from core.providers.watchdog import StreamWatchdog, httpx_socket, timeout_error
 from core.reasoning import Reasoning
+from core.tools import ToolCallDelta
 from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, OutputFormat, StreamResult, Usage
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,10 @@ class OpenAICompatProvider(Provider):
             params["stop"] = list(options.stop)
         if options.output is not None:
             params["response_format"] = response_format(options.output)
+        if options.tools:
+            params["tools"] = options.tools
+            if options.tool_choice is not None:
+                params["tool_choice"] = options.tool_choice
         # Once the body flows the read timeout is only a backstop: the watchdog enforces the limits.
         client = self._take_client(key)
         started, chunks, finish, usage = time.monotonic(), 0, None, None
@@ -356,7 +361,16 @@ class OpenAICompatProvider(Provider):
                         yield Reasoning(reasoning)
                     text = getattr(delta, "content", None)
                     finish = getattr(choice, "finish_reason", None) or finish
-                    watch.progress(bool(text or reasoning))
+                    calls = getattr(delta, "tool_calls", None) or []
+                    for call in calls:  # relayed as they come: id and name first, then argument fragments
+                        function = call.function
+                        yield ToolCallDelta(
+                            call.index,
+                            (function.arguments if function else None) or "",
+                            call.id,
+                            function.name if function else None,
+                        )
+                    watch.progress(bool(text or reasoning or calls))
                     if text:
                         chunks += 1
                         yield text
@@ -385,7 +399,7 @@ class OpenAICompatProvider(Provider):
             raise StreamInterrupted(
                 f"{self.display_name} ended the stream before the answer was finished (after {chunks} chunks)"
             )
-        result.finish_reason = "length" if finish == "length" else "stop"
+        result.finish_reason = finish if finish in ("length", "tool_calls") else "stop"
         if usage is not None:
             result.usage = Usage(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
         else:
