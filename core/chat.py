@@ -23,7 +23,7 @@ from core.reasoning import Reasoning, ThinkSplitter
 from core.router import Router
 from core.storage import ChatStore, new_id
 from core.tools import ToolCallDelta, ToolCalls
-from core.types import ChatOptions, Message, ModelInfo
+from core.types import ChatOptions, Message, ModelInfo, ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,7 @@ class ChatJob(StreamJob):
         service = self.service
         if self.stored:
             messages = [
-                Message(m["role"], m["content"])
-                for m in service.store.context_messages(self.chat_id)
-                if m["id"] != self.message_id
+                stored_message(m) for m in service.store.context_messages(self.chat_id) if m["id"] != self.message_id
             ]
         else:
             messages = list(self.messages or [])
@@ -164,6 +162,7 @@ class ChatJob(StreamJob):
                 timings=timings,
                 reasoning="".join(self.parts["reasoning"]) or None,
                 citations=self.citations,
+                tool_calls=[call.to_openai() for call in self.tools.calls()] or None,
             )
         if self.tools:
             sink.emit("tool_calls", {**self.ids, "tool_calls": [call.to_openai() for call in self.tools.calls()]})
@@ -256,7 +255,8 @@ class ChatService:
         job = ChatJob(self, chat_id, new_id(), provider, model, options, query=content, knowledge=request.knowledge)
         self.runner.register(job, _busy)  # a second message racing this one gets `busy`, nothing stored
         try:
-            self.store.add_message(chat_id, "user", content, model.id, "complete")
+            role = "tool" if request.tool_call_id else "user"  # a tool's result continues the chat
+            self.store.add_message(chat_id, role, content, model.id, "complete", tool_call_id=request.tool_call_id)
             self.store.add_message(chat_id, "assistant", "", model.id, "streaming", message_id=job.message_id)
         except BaseException:
             self.runner.forget(job)
@@ -303,6 +303,14 @@ class ChatService:
             raise Busy("this chat is still answering; stop it before resetting")
         self.store.reset_context(chat_id)
         log.info("event=chat_reset chat=%s", chat_id)
+
+
+def stored_message(row: dict) -> Message:
+    """A stored message as the model sees it (with the tool calls it made or the call it answers)."""
+    calls = tuple(
+        ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in row.get("tool_calls") or []
+    )
+    return Message(row["role"], row["content"], calls, row.get("tool_call_id"))
 
 
 def _busy() -> Busy:

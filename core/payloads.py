@@ -165,6 +165,8 @@ class ChatRequest(Payload):
     response_format: ResponseFormat | None = None
     tools: list[ToolSpec] | None = None
     tool_choice: ToolChoice = None
+    #: Set when `content` is a tool's result: the id of the call it answers (stored as a `tool` turn).
+    tool_call_id: str | None = Field(None, min_length=1, max_length=200)
 
     def tool_list(self) -> list[dict] | None:
         return tool_dicts(self.tools)

@@ -109,3 +109,25 @@ def test_a_schema_the_grammar_cannot_express_is_a_400(server):
                 response_format={"type": "json_schema", "json_schema": {"name": "x"}},
             )
     assert caught.value.response.json()["error"]["param"] == "response_format"
+
+
+def test_strings_may_not_hold_raw_control_characters(model_dir):
+    """The schema converter llama-cpp-python ships lets any character into a JSON string; ours refuses raw
+    control characters (a sampled answer put raw newlines into strings: invalid JSON)."""
+    from core.engines.grammar import GrammarConstraint, grammar_for
+    from core.engines.llama_cpp import LlamaCppChatEngine, _tokenize
+    from core.models.bundled import find_bundled_gguf
+    from core.types import OutputFormat
+
+    engine = LlamaCppChatEngine("HuggingFaceTB/SmolLM2-135M-Instruct", find_bundled_gguf(), "cpu", 1, 512, 1)
+    engine.load()
+    try:
+        lib, vocab = engine.weights.lib, engine.weights.vocab
+        constraint = GrammarConstraint(lib, vocab, grammar_for(OutputFormat("json_schema", SCHEMA)))
+        for token in _tokenize(lib, vocab, '{"city": "Pa'):
+            assert constraint.allows(token)
+            constraint.accept(token)
+        assert constraint.allows(_tokenize(lib, vocab, "ris")[0])
+        assert not any(constraint.allows(_tokenize(lib, vocab, raw)[0]) for raw in ("\n", "\t", " \n"))
+    finally:
+        engine.unload()

@@ -115,17 +115,34 @@ def test_ollama_client_sees_tool_calls(server):
     assert answer.message.content == "Tool said: foggy"
 
 
-def test_socketio_gets_a_tool_calls_event(server):
+def test_socketio_tool_calls_event_and_a_stored_follow_up(server, peer):
     events = EventClient(server.url, events=(*EVENTS, "tool_calls", "tool_call_delta"))
     try:
         events.emit("chat", {"model": MODEL, "content": "What is the weather in Paris?", "tools": [TOOL]})
         _, _, name, done = events.wait_end(timeout=30)
         assert name == "done" and done["finish_reason"] == "tool_calls", done
-        (payload,) = events.of("tool_calls", done["chat_id"])
-        assert payload["tool_calls"][0]["function"]["name"] == "get_weather"
-        assert len(events.of("tool_call_delta", done["chat_id"])) == 3
+        chat_id = done["chat_id"]
+        (payload,) = events.of("tool_calls", chat_id)
+        call = payload["tool_calls"][0]
+        assert call["function"]["name"] == "get_weather" and call["id"] == "call_1"
+        assert len(events.of("tool_call_delta", chat_id)) == 3
+        start = len(events.events)
+        events.emit(
+            "chat", {"chat_id": chat_id, "model": MODEL, "content": "hail", "tool_call_id": "call_1", "tools": [TOOL]}
+        )
+        _, _, name, done = events.wait_for(lambda n, d: n in ("done", "error"), timeout=30, start=start)
+        assert name == "done", done
+        answer = "".join(d["content"] for d in events.of("delta", chat_id))
     finally:
         events.close()
+    assert answer == "Tool said: hail"
+    sent = peer.requests()[-1]["messages"]
+    assert [m["role"] for m in sent[-3:]] == ["user", "assistant", "tool"]
+    assert sent[-2]["tool_calls"][0]["id"] == "call_1" and sent[-1]["tool_call_id"] == "call_1"
+    stored = server.get(f"/api/chats/{chat_id}").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant", "tool", "assistant"]
+    assert stored[1]["tool_calls"][0]["function"]["name"] == "get_weather" and stored[2]["tool_call_id"] == "call_1"
+    assert stored[3]["content"] == "Tool said: hail"
 
 
 def test_local_model_refuses_tools_with_a_400(client):
