@@ -1,12 +1,14 @@
-"""What does Switchboard's /v1 cost? One model streamed straight from its backend vs through Switchboard.
+"""What does each Switchboard API cost? One model streamed straight from its backend vs through Switchboard.
 
 The backend is the llama.cpp server of tests/peers/llama_server.py (llama-cpp-python with the bundled
-SmolLM2 GGUF); Switchboard reaches it as an OpenAI-compatible connection. Both sides are read with the
-official openai SDK, greedy, the same prompt, alternating which goes first, several rounds in one run
-(machines here are noisy, so only same-run ratios mean anything). Prints tokens/s of each, their ratio
-(goal >= 0.98) and the time to first token that Switchboard adds. Because the backend's own speed
-drifts on a shared machine, each request's generation rate as llama.cpp logs it is printed too, and
-the ratio of (client rate / backend rate) between the two paths isolates what Switchboard adds.
+SmolLM2 GGUF); Switchboard reaches it as an OpenAI-compatible connection. The backend is read with the
+official openai SDK; Switchboard through three of its APIs, each with its own official client:
+/v1/chat/completions (openai), /v1/messages (anthropic) and Ollama's /api/chat (ollama). Greedy, the same
+prompt, the order of the four paths rotating each round, several rounds in one run (machines here are
+noisy, so only same-run ratios mean anything). Prints tokens/s of each, each API's ratio to direct
+(goal >= 0.98) and the time to first token it adds. Because the backend's own speed drifts on a shared
+machine, each request's generation rate as llama.cpp logs it is recorded too, and the ratio of
+(client rate / backend rate) between a path and direct isolates what Switchboard adds.
 
     .venv/bin/python benchmarks/v1_overhead.py [--rounds 6] [--tokens 128]
 """
@@ -20,12 +22,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "peers"))
 
+import anthropic  # noqa: E402
+import ollama  # noqa: E402
 import openai  # noqa: E402
 from llama_server import MODEL_ALIAS, LlamaServer, ensure_llama_cpp_installed  # noqa: E402
 
@@ -46,8 +51,17 @@ def backend_rate(llama: LlamaServer) -> float:
     return float(rates[-1]) if rates else float("nan")
 
 
-def measure(client: openai.OpenAI, model: str, tokens: int) -> tuple[float, float, int]:
-    """(ttft_s, tokens_per_s, tokens) of one greedy streamed completion as the client sees it."""
+Timing = tuple[float, float, int]  # (ttft_s, tokens_per_s, tokens) as the client sees them
+
+
+def _timing(sent: float, arrivals: list[float], count: int, what: str) -> Timing:
+    if len(arrivals) < 2:
+        raise RuntimeError(f"{what}: too short an answer to time ({len(arrivals)} chunks)")
+    return arrivals[0] - sent, (count - 1) / (arrivals[-1] - arrivals[0]), count
+
+
+def measure(client: openai.OpenAI, model: str, tokens: int) -> Timing:
+    """One greedy streamed chat completion (the backend direct, or Switchboard's /v1)."""
     sent = time.perf_counter()
     arrivals: list[float] = []
     usage = None
@@ -63,10 +77,33 @@ def measure(client: openai.OpenAI, model: str, tokens: int) -> tuple[float, floa
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.perf_counter())
         usage = chunk.usage or usage
-    count = usage.completion_tokens if usage else len(arrivals)
-    if len(arrivals) < 2:
-        raise RuntimeError(f"{model}: too short an answer to time ({len(arrivals)} chunks)")
-    return arrivals[0] - sent, (count - 1) / (arrivals[-1] - arrivals[0]), count
+    return _timing(sent, arrivals, usage.completion_tokens if usage else len(arrivals), model)
+
+
+def measure_messages(client: anthropic.Anthropic, model: str, tokens: int) -> Timing:
+    """One greedy streamed Anthropic message through Switchboard's /v1/messages."""
+    sent = time.perf_counter()
+    arrivals: list[float] = []
+    with client.messages.stream(model=model, max_tokens=tokens, messages=PROMPT, extra_body={"temperature": 0}) as s:
+        for _ in s.text_stream:
+            arrivals.append(time.perf_counter())
+        count = s.get_final_message().usage.output_tokens
+    return _timing(sent, arrivals, count, model)
+
+
+def measure_ollama(client: ollama.Client, model: str, tokens: int) -> Timing:
+    """One greedy streamed chat through Switchboard's Ollama /api/chat."""
+    sent = time.perf_counter()
+    arrivals: list[float] = []
+    count = 0
+    for part in client.chat(
+        model=model, messages=PROMPT, stream=True, options={"temperature": 0, "num_predict": tokens}
+    ):
+        if part.message.content:
+            arrivals.append(time.perf_counter())
+        if part.done:
+            count = part.eval_count or len(arrivals)
+    return _timing(sent, arrivals, count, model)
 
 
 def wait_for_model(client: openai.OpenAI, model: str, timeout: float = 30) -> None:
@@ -78,6 +115,9 @@ def wait_for_model(client: openai.OpenAI, model: str, timeout: float = 30) -> No
     raise RuntimeError(f"Switchboard does not list {model}")
 
 
+PATHS = ("direct", "/v1", "/v1/messages", "/api/chat")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
@@ -85,8 +125,10 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the anthropic and ollama clients log every request
     ensure_llama_cpp_installed()
     model = f"{CONNECTION}:{MODEL_ALIAS}"
+    rows: list[dict[str, tuple[float, float, int, float]]] = []
     with tempfile.TemporaryDirectory() as data, LlamaServer() as llama:
         (Path(data) / "config.toml").write_text(
             f'[model_names.{CONNECTION}]\nbase_url = "{llama.base_url}"\nenv = "NO_API_KEY"\n'
@@ -96,42 +138,39 @@ def main() -> None:
             ServerProcess(Path(data), args.model_dir, env=env) as server,
             openai.OpenAI(base_url=llama.base_url, api_key="none", max_retries=0, timeout=300) as direct,
             openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300) as via,
+            anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=300) as claude,
         ):
+            local = ollama.Client(host=server.url, timeout=300)
             wait_for_model(via, model)
-            measure(direct, MODEL_ALIAS, 8)  # warm-up: the backend's model and caches
-            measure(via, model, 8)  # warm-up: Switchboard's discovery and connections
-            rows = []
+            paths: dict[str, Callable[[int], Timing]] = {
+                "direct": lambda n: measure(direct, MODEL_ALIAS, n),
+                "/v1": lambda n: measure(via, model, n),
+                "/v1/messages": lambda n: measure_messages(claude, model, n),
+                "/api/chat": lambda n: measure_ollama(local, model, n),
+            }
+            for run in paths.values():  # warm-up: the backend's caches, Switchboard's discovery and connections
+                run(8)
             for i in range(args.rounds):
-                order = [("direct", direct, MODEL_ALIAS), ("switchboard", via, model)]
-                if i % 2:
-                    order.reverse()
-                got = {}
-                for name, client, name_model in order:
-                    got[name] = (*measure(client, name_model, args.tokens), backend_rate(llama))
-                (d_ttft, d_tps, d_n, d_be), (s_ttft, s_tps, s_n, s_be) = got["direct"], got["switchboard"]
-                rows.append((d_ttft, d_tps, s_ttft, s_tps, (s_tps / s_be) / (d_tps / d_be)))
+                order = PATHS[i % len(PATHS) :] + PATHS[: i % len(PATHS)]
+                got = {name: (*paths[name](args.tokens), backend_rate(llama)) for name in order}
+                rows.append(got)
                 print(
-                    f"round {i + 1} ({order[0][0]} first): direct {d_tps:6.2f} tok/s (backend {d_be:5.1f}) "
-                    f"ttft {d_ttft * 1000:5.1f} ms ({d_n} tok) | /v1 {s_tps:6.2f} tok/s (backend {s_be:5.1f}) "
-                    f"ttft {s_ttft * 1000:5.1f} ms ({s_n} tok)",
+                    f"round {i + 1} ({order[0]} first): "
+                    + " | ".join(f"{n} {got[n][1]:6.2f} tok/s (backend {got[n][3]:5.1f})" for n in PATHS),
                     flush=True,
                 )
-    d_tps = statistics.median(r[1] for r in rows)
-    s_tps = statistics.median(r[3] for r in rows)
-    ratios = [r[3] / r[1] for r in rows]
-    added = statistics.median(r[2] - r[0] for r in rows) * 1000
     print(f"\nmedian of {args.rounds} rounds, up to {args.tokens} tokens, greedy, SmolLM2-135M on llama.cpp (CPU)")
-    print(f"direct from llama.cpp    : {d_tps:.2f} tokens/s")
-    print(f"through Switchboard /v1  : {s_tps:.2f} tokens/s")
-    print(
-        f"ratio /v1 / direct       : {s_tps / d_tps:.3f}  (median of per-round ratios {statistics.median(ratios):.3f}; "
-        f"goal >= 0.98)"
-    )
-    print(
-        f"same, backend-normalised : {statistics.median(r[4] for r in rows):.3f}  (median per round of "
-        f"(client/backend rate) via /v1 over direct)"
-    )
-    print(f"added TTFT               : {added:+.1f} ms")
+    direct_tps = statistics.median(r["direct"][1] for r in rows)
+    print(f"{'direct from llama.cpp':26}: {direct_tps:7.2f} tokens/s")
+    for name in PATHS[1:]:
+        tps = statistics.median(r[name][1] for r in rows)
+        ratio = statistics.median(r[name][1] / r["direct"][1] for r in rows)
+        normalised = statistics.median((r[name][1] / r[name][3]) / (r["direct"][1] / r["direct"][3]) for r in rows)
+        added = statistics.median(r[name][0] - r["direct"][0] for r in rows) * 1000
+        print(
+            f"{'through ' + name:26}: {tps:7.2f} tokens/s  ratio {tps / direct_tps:.3f} (per-round median "
+            f"{ratio:.3f}; backend-normalised {normalised:.3f}; goal >= 0.98)  added TTFT {added:+.1f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -95,6 +95,12 @@ class Admission:
             queue.running -= 1
             queue.cond.notify_all()
 
+    def depths(self) -> dict[str, int]:
+        """Requests waiting per model id now (metrics)."""
+        with self._lock:
+            queues = list(self._queues.items())
+        return {model_id: len(queue.waiting) for model_id, queue in queues}
+
     def waiting(self, model_id: str) -> int:
         queue = self._queues.get(model_id)
         return len(queue.waiting) if queue else 0

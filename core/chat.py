@@ -19,12 +19,13 @@ from core.concurrency import run_blocking
 from core.config import Settings
 from core.errors import BadRequest, Busy, EmptyContent, NotFound, SwitchboardError, TooLong
 from core.jobs import JobRunner, Sink, StreamJob
-from core.payloads import ChatRequest, chat_options, parse
+from core.payloads import ChatRequest, chat_options, parse, with_output
 from core.providers.base import Provider
 from core.reasoning import Reasoning, ThinkSplitter
 from core.router import Router
 from core.storage import ChatStore, new_id
-from core.types import ChatOptions, Message, ModelInfo
+from core.tools import ToolCallDelta, ToolCalls
+from core.types import ChatOptions, Message, ModelInfo, ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class ChatJob(StreamJob):
         self._splitter = ThinkSplitter()
         self._saved_at = 0.0  # time.monotonic() of the last partial save
         self._save_timer: threading.Timer | None = None
+        self.tools = ToolCalls()  # the tool calls of the answer, from their fragments
 
     @property
     def stored(self) -> bool:
@@ -106,9 +108,7 @@ class ChatJob(StreamJob):
         service = self.service
         if self.stored:
             messages = [
-                Message(m["role"], m["content"])
-                for m in service.store.context_messages(self.chat_id)
-                if m["id"] != self.message_id
+                stored_message(m) for m in service.store.context_messages(self.chat_id) if m["id"] != self.message_id
             ]
         else:
             messages = list(self.messages or [])
@@ -160,9 +160,16 @@ class ChatJob(StreamJob):
 
     def deliver(self, pieces: list[Any], sink: Sink) -> bool:
         split: list[tuple[str, str]] = []
+        sent = False
         for piece in pieces:
+            if isinstance(piece, ToolCallDelta):  # relayed at once, after the text before it
+                sent, split = self._emit(split, sink) or sent, []
+                self.tools.add(piece)
+                sink.emit("tool_call_delta", {**self.ids, **piece.public()})
+                sent = True
+                continue
             split += [("reasoning", piece.text)] if isinstance(piece, Reasoning) else self._splitter.feed(piece)
-        return self._emit(split, sink)
+        return self._emit(split, sink) or sent
 
     def flush(self, sink: Sink) -> bool:
         return self._emit(self._splitter.flush(), sink)
@@ -232,7 +239,10 @@ class ChatJob(StreamJob):
                 timings=timings,
                 reasoning=self.text("reasoning") or None,
                 citations=self.citations,
+                tool_calls=[call.to_openai() for call in self.tools.calls()] or None,
             )
+        if self.tools:
+            sink.emit("tool_calls", {**self.ids, "tool_calls": [call.to_openai() for call in self.tools.calls()]})
         sink.emit(
             "done",
             {**self.ids, "finish_reason": result.finish_reason, "usage": result.usage.to_dict(), "timings": timings},
@@ -307,7 +317,8 @@ class ChatService:
         content = self._check_content(request.content)
         if request.knowledge and self.knowledge is None:
             raise BadRequest("knowledge-assisted chat is not available on this server", param="knowledge")
-        options = chat_options(request.options, self._defaults())
+        options = with_output(chat_options(request.options, self._defaults()), request.response_format)
+        options.tools, options.tool_choice = request.tool_list(), request.tool_choice
         provider, model = self.router.route(request.model)
         self.runner.check_room(model.id, provider.concurrency(model))
         if self.resources is not None:
@@ -323,7 +334,8 @@ class ChatService:
         job = ChatJob(self, chat_id, new_id(), provider, model, options, query=content, knowledge=request.knowledge)
         self.runner.register(job, _busy)  # a second message racing this one gets `busy`, nothing stored
         try:
-            self.store.add_message(chat_id, "user", content, model.id, "complete")
+            role = "tool" if request.tool_call_id else "user"  # a tool's result continues the chat
+            self.store.add_message(chat_id, role, content, model.id, "complete", tool_call_id=request.tool_call_id)
             self.store.add_message(chat_id, "assistant", "", model.id, "streaming", message_id=job.message_id)
         except BaseException:
             self.runner.forget(job)
@@ -336,7 +348,8 @@ class ChatService:
 
         Its size is bounded here, before any costly work: the message count and the characters of all
         messages together; whether it fits the model's context is judged (off the loop) when it runs."""
-        self._check_content(messages[-1].content, "the last message's content", param="messages")
+        if messages[-1].role != "tool":  # a tool's result may be empty; a question may not
+            self._check_content(messages[-1].content, "the last message's content", param="messages")
         if len(messages) > self.settings.api_max_messages:
             raise TooLong(
                 f"the request has {len(messages)} messages; the limit is {self.settings.api_max_messages}",
@@ -400,6 +413,14 @@ class ChatService:
             raise Busy("this chat is still answering; stop it before resetting")
         self.store.reset_context(chat_id)
         log.info("event=chat_reset chat=%s", chat_id)
+
+
+def stored_message(row: dict) -> Message:
+    """A stored message as the model sees it (with the tool calls it made or the call it answers)."""
+    calls = tuple(
+        ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in row.get("tool_calls") or []
+    )
+    return Message(row["role"], row["content"], calls, row.get("tool_call_id"))
 
 
 def _busy() -> Busy:

@@ -104,6 +104,8 @@ class StreamJob(ABC):
 
     #: Names the job in logs and in the `scope` of its errors ("chat", "translate").
     kind: str = ""
+    #: The API that asked (metrics label): HTTP routes set theirs; Socket.IO events keep the default.
+    surface: str = "socketio"
 
     def __init__(self, key: str, admission_key: str, limit: int | None) -> None:
         self.key = key  # what `stop` names: a chat id, a request id
@@ -155,6 +157,8 @@ class JobRunner:
     def __init__(self, admission: Admission | None = None) -> None:
         self.admission = admission or Admission()
         self.active: dict[tuple[str, str], StreamJob] = {}  # (kind, key) -> job; kinds never collide
+        #: Called once per job after its final event, with its error (None when it finished): metrics.
+        self.observers: list[Callable[[StreamJob, SwitchboardError | None], None]] = []
         self._lock = os_lock()
 
     def check_room(self, admission_key: str, limit: int | None) -> None:
@@ -208,6 +212,7 @@ class JobRunner:
         """Run `job` to its end; its sink always gets exactly one final event (finish or fail)."""
         job.audience.add(sink)
         sink = job.audience
+        error: SwitchboardError | None = None
         try:
             job.announce(sink)
             admitted = self.admission.acquire(
@@ -230,9 +235,18 @@ class JobRunner:
                 log.exception("event=job_crashed kind=%s key=%s", job.kind, job.key)
             job.flush(sink)
             job.ending = True
-            job.fail(as_switchboard_error(exc, f"the {job.kind} job"), sink)
+            error = as_switchboard_error(exc, f"the {job.kind} job")
+            job.fail(error, sink)
         finally:
             self.forget(job)
+            self._observe(job, error)
+
+    def _observe(self, job: StreamJob, error: SwitchboardError | None) -> None:
+        for observer in self.observers:
+            try:
+                observer(job, error)
+            except Exception:  # an observer never breaks a job
+                log.exception("event=job_observer_failed kind=%s", job.kind)
 
     def _produce(self, job: StreamJob, sink: Sink) -> None:
         timings = job.timings

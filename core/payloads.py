@@ -9,13 +9,14 @@ Top-level payloads ignore fields they do not know (clients may send more than a 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.errors import BadRequest
 from core.knowledge.documents import COLLECTION
-from core.types import ChatOptions, Message
+from core.types import ChatOptions, Message, OutputFormat, ToolCall
 
 P = TypeVar("P", bound=BaseModel)
 NAME_CHARS = 256  # a model id, an engine or language name: far above any real one
@@ -111,6 +112,57 @@ def chat_options(raw: Any, defaults: ChatOptions) -> ChatOptions:
     return parse(OptionsPayload, raw, "options", prefix="options.").to_options(defaults)
 
 
+class JsonSchemaSpec(Payload):
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(Payload):
+    """`response_format` in OpenAI's shape: text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    def to_output(self) -> OutputFormat | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return OutputFormat("json_object")
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise BadRequest("response_format.json_schema.schema is required", param="response_format")
+        spec = self.json_schema
+        return OutputFormat("json_schema", spec.schema_, spec.name, spec.strict)
+
+
+def with_output(options: ChatOptions, response_format: ResponseFormat | None) -> ChatOptions:
+    """`options` with the constrained output a request asked for (unchanged without one)."""
+    output = response_format.to_output() if response_format is not None else None
+    return replace(options, output=output) if output is not None else options
+
+
+class FunctionSpec(Payload):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(Payload):
+    """A tool in OpenAI's shape (the one Switchboard uses inside): a function the model may call."""
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+ToolChoice = Literal["auto", "none", "required"] | dict[str, Any] | None
+
+
+def tool_dicts(tools: list[ToolSpec] | None) -> list[dict] | None:
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
+
+
 class ChatRequest(Payload):
     """The `chat` event and POST /api/chat: one user message for a stored chat."""
 
@@ -119,6 +171,14 @@ class ChatRequest(Payload):
     chat_id: str | None = Field(None, max_length=64)
     knowledge: bool | str = False
     options: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice = None
+    #: Set when `content` is a tool's result: the id of the call it answers (stored as a `tool` turn).
+    tool_call_id: str | None = Field(None, min_length=1, max_length=200)
+
+    def tool_list(self) -> list[dict] | None:
+        return tool_dicts(self.tools)
 
     @field_validator("knowledge")
     @classmethod
@@ -135,17 +195,34 @@ class TextPart(Payload):
     text: str | None = None
 
 
-class ChatMessagePayload(Payload):
-    """One message of a /v1 request: content is a string or a list of content parts (text ones kept)."""
+class FunctionCallPayload(Payload):
+    name: str
+    arguments: str = "{}"
 
-    role: Literal["system", "developer", "user", "assistant"]
+
+class ToolCallPayload(Payload):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallPayload
+
+
+class ChatMessagePayload(Payload):
+    """One message of a /v1 request: content is a string or a list of content parts (text ones kept);
+    an assistant turn may carry `tool_calls`, a `tool` turn answers one (`tool_call_id`)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallPayload] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def to_message(self) -> Message:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text or "" for part in content if part.type == "text")
-        return Message("system" if self.role == "developer" else self.role, content or "")
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or [])
+        role = "system" if self.role == "developer" else self.role
+        return Message(role, content or "", calls, self.tool_call_id, self.name)
 
 
 class StreamOptions(Payload):
@@ -165,6 +242,9 @@ class CompletionRequest(Payload):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice = None
 
     @field_validator("stop")
     @classmethod
@@ -176,7 +256,22 @@ class CompletionRequest(Payload):
     def to_options(self, defaults: ChatOptions) -> ChatOptions:
         max_new = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         payload = OptionsPayload(max_new_tokens=max_new, temperature=self.temperature, top_p=self.top_p, stop=self.stop)
-        return payload.to_options(defaults)
+        options = with_output(payload.to_options(defaults), self.response_format)
+        return replace(options, tools=tool_dicts(self.tools), tool_choice=self.tool_choice)
+
+
+class EmbeddingRequest(Payload):
+    """POST /v1/embeddings: text (a string or a list of them), not token arrays."""
+
+    model: str = Field(min_length=1)
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 # -- translation, models, resources --------------------------------------------------------------------------

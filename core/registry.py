@@ -70,6 +70,12 @@ class ModelRegistry:
             raise ModelNotFound(f"unknown model {model_id!r}; list models to see the available ids")
         return found
 
+    def known(self) -> list[ModelInfo]:
+        """Every model found by the last discovery (discovering once if there was none yet)."""
+        if not self._index:
+            self.groups(refresh=False)
+        return [model for _, model in self._index.values()]
+
     def public_listing(self, refresh: bool = False, default: str | None = None) -> dict:
         """The `models` payload: groups for the page, never any secret."""
         return {"groups": [g.to_public() for g in self.groups(refresh=refresh)], "default": default}

@@ -12,9 +12,11 @@ from core.admission import Admission
 from core.chat import ChatService
 from core.concurrency import start_os_thread
 from core.config import Settings, parse_bytes
+from core.embeddings import EmbeddingService
 from core.errors import SwitchboardError
 from core.jobs import JobRunner
 from core.knowledge.service import KnowledgeService
+from core.metrics import Metrics, live_gauges
 from core.models.cache import ModelCache
 from core.models.downloads import DownloadManager
 from core.models.manager import ModelManager
@@ -48,6 +50,8 @@ class Services:
     models: ModelManager
     knowledge: KnowledgeService | None = None
     translation: TranslationService | None = None
+    embeddings: EmbeddingService | None = None
+    metrics: Metrics | None = None
 
     def models_payload(self, refresh: bool = False) -> dict:
         return self.registry.public_listing(refresh=refresh, default=self.settings.default_model)
@@ -143,9 +147,26 @@ def build_services(
         downloads = None
         log.warning("event=downloads_disabled reason=%s", exc.message)
     models = ModelManager(cache, downloads, resources, local)
+    embeddings = EmbeddingService(router, knowledge, resources)
     services = Services(
-        settings, cache, local, registry, router, store, chat, resources, runner, models, knowledge, translation
+        settings,
+        cache,
+        local,
+        registry,
+        router,
+        store,
+        chat,
+        resources,
+        runner,
+        models,
+        knowledge,
+        translation,
+        embeddings,
+        metrics=Metrics(),
     )
+    services.metrics.add_live(lambda: live_gauges(services))
+    runner.observers.append(services.metrics.job_ended)
+    resources.observers.append(services.metrics.resource_event)
     if start_background and settings.prepare_bundled and local.needs_preparing():
 
         def prepare() -> None:

@@ -47,7 +47,9 @@ CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id, seq);
 """
 
 # Columns added after the first release: a database created before them gets them on open.
-ADDED_COLUMNS = {"messages": (("reasoning", "TEXT"), ("citations", "TEXT"))}
+ADDED_COLUMNS = {
+    "messages": (("reasoning", "TEXT"), ("citations", "TEXT"), ("tool_calls", "TEXT"), ("tool_call_id", "TEXT"))
+}
 
 MESSAGE_STATUSES = ("complete", "cancelled", "incomplete", "error", "streaming")
 
@@ -118,9 +120,17 @@ class ChatStore:
         return bool(deleted)
 
     def add_message(
-        self, chat_id: str, role: str, content: str, model: str | None, status: str, message_id: str | None = None
+        self,
+        chat_id: str,
+        role: str,
+        content: str,
+        model: str | None,
+        status: str,
+        message_id: str | None = None,
+        tool_call_id: str | None = None,
     ) -> str:
-        """Append a message at the chat's next sequence number and bump the chat's update time."""
+        """Append a message at the chat's next sequence number and bump the chat's update time
+        (`tool_call_id`: a tool's result, answering that call)."""
         message_id, now = message_id or new_id(), time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -129,9 +139,9 @@ class ChatStore:
                     "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE chat_id=?", (chat_id,)
                 ).fetchone()[0]
                 self._db.execute(
-                    "INSERT INTO messages (id, chat_id, seq, role, content, model, status, created_at) "
-                    "VALUES (?,?,?,?,?,?,?,?)",
-                    (message_id, chat_id, seq, role, content, model, status, now),
+                    "INSERT INTO messages (id, chat_id, seq, role, content, model, status, created_at, tool_call_id) "
+                    "VALUES (?,?,?,?,?,?,?,?,?)",
+                    (message_id, chat_id, seq, role, content, model, status, now, tool_call_id),
                 )
                 self._db.execute(
                     "UPDATE chats SET updated_at=?, model=COALESCE(?, model) WHERE id=?", (now, model, chat_id)
@@ -154,12 +164,14 @@ class ChatStore:
         timings: dict | None = None,
         reasoning: str | None = None,
         citations: list[dict] | None = None,
+        tool_calls: list[dict] | None = None,
     ) -> None:
-        """Store the final text and outcome of an assistant message (and the sources it was given)."""
+        """Store the final text and outcome of an assistant message (and the sources it was given, the
+        tools it called)."""
         usage, timings = usage or {}, timings or {}
         self._run(
             "UPDATE messages SET content=?, status=?, finish_reason=?, error_code=?, prompt_tokens=?, "
-            "completion_tokens=?, ttft_ms=?, tokens_per_s=?, reasoning=?, citations=? WHERE id=?",
+            "completion_tokens=?, ttft_ms=?, tokens_per_s=?, reasoning=?, citations=?, tool_calls=? WHERE id=?",
             (
                 content,
                 status,
@@ -171,6 +183,7 @@ class ChatStore:
                 timings.get("tokens_per_s"),
                 reasoning,
                 None if citations is None else json.dumps(citations),
+                json.dumps(tool_calls) if tool_calls else None,
                 message_id,
             ),
         )
@@ -191,13 +204,19 @@ class ChatStore:
         for row in rows:
             item: dict[str, Any] = dict(row)
             item["citations"] = json.loads(row["citations"]) if row["citations"] else None
+            item["tool_calls"] = json.loads(row["tool_calls"]) if row["tool_calls"] else None
             item["in_context"] = row["seq"] > context_from
             out.append(item)
         return out
 
     def context_messages(self, chat_id: str) -> list[dict]:
-        """Messages the model should see: after the last reset, without failed or empty answers."""
-        return [m for m in self.messages(chat_id) if m["in_context"] and m["content"] and m["status"] != "error"]
+        """Messages the model should see: after the last reset, without failed or empty answers (an answer
+        that only called tools is not empty)."""
+        return [
+            m
+            for m in self.messages(chat_id)
+            if m["in_context"] and (m["content"] or m["tool_calls"]) and m["status"] != "error"
+        ]
 
     def reset_context(self, chat_id: str) -> None:
         self._run(

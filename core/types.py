@@ -11,14 +11,45 @@ ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function the model asked to call: `arguments` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
 class Message:
-    """One turn of a conversation as a model sees it."""
+    """One turn of a conversation as a model sees it (an assistant turn may call tools; a `tool` turn
+    answers the call `tool_call_id`)."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None  # the tool's name on a `tool` turn (Ollama wants it)
 
     def to_dict(self) -> dict:
-        return {"role": self.role, "content": self.content}
+        data: dict = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            data["tool_calls"] = [call.to_openai() for call in self.tool_calls]
+        if self.tool_call_id:
+            data["tool_call_id"] = self.tool_call_id
+        return data
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """What shape the answer must have: any JSON object (`json_object`), or JSON matching `schema`."""
+
+    kind: str  # "json_object" | "json_schema"
+    schema: dict | None = None
+    name: str | None = None
+    strict: bool | None = None
 
 
 @dataclass
@@ -35,6 +66,11 @@ class ChatOptions:
     #: Penalty on tokens seen in the last 64; None: the runtime's default (llama.cpp 1.1, as Ollama and
     #: llama.cpp's servers use; transformers and other backends none).
     repeat_penalty: float | None = None
+    #: Constrained output (JSON); None: free text.
+    output: OutputFormat | None = None
+    #: Tools the model may call, in OpenAI's function shape, and how it must choose (auto, none, required...).
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
 
 
 class CancelToken(Protocol):
@@ -127,5 +163,6 @@ class ModelInfo:
 class StreamResult:
     """What a finished generation reports after its last delta."""
 
-    finish_reason: str = "stop"  # stop | length | cancelled
+    finish_reason: str = "stop"  # stop | length | cancelled | tool_calls
     usage: Usage = field(default_factory=Usage)
+    stop_sequence: str | None = None  # which stop string ended it, when the runtime knows (llama.cpp)

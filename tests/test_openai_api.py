@@ -60,7 +60,7 @@ def test_models_lists_every_available_model_with_registry_ids(server, client):
     ids = [m.id for m in client.models.list()]
     listing = server.get("/api/models").json()
     available = [m["id"] for g in listing["groups"] if g["available"] for m in g["models"] if m["available"]]
-    assert ids == available
+    assert ids == [*available, "local:sentence-transformers/all-MiniLM-L6-v2"]  # then the local embedding model
     assert BUNDLED_ID in ids and OLLAMA_ID in ids
     assert not any(m["id"] in ids for g in listing["groups"] for m in g["models"] if not m["available"])
     model = client.models.retrieve(BUNDLED_ID)

@@ -27,13 +27,17 @@ def create_app(
 ) -> Flask:
     """Build the app. `config` is Settings, or a dict of overrides on top of file/env settings."""
     from web_ui import (
+        anthropic_api,
         api,
         auth,
         bodies,
         chat_api,
+        embeddings_api,
         guard,
         knowledge_api,
+        metrics_api,
         models_api,
+        ollama_api,
         openai_api,
         pages,
         resources_api,
@@ -71,7 +75,18 @@ def create_app(
         cors_allowed_origins=lambda origin, environ: origins.origin_allowed(origin, environ.get("HTTP_HOST")),
     )
 
-    for blueprint in (pages.bp, api.bp, resources_api.bp, knowledge_api.bp, chat_api.bp, openai_api.bp):
+    for blueprint in (
+        pages.bp,
+        api.bp,
+        resources_api.bp,
+        knowledge_api.bp,
+        chat_api.bp,
+        openai_api.bp,
+        embeddings_api.bp,
+        ollama_api.bp,
+        anthropic_api.bp,
+        metrics_api.bp,
+    ):
         app.register_blueprint(blueprint)
     broadcaster = models_api.init_app(app, socketio)  # its blueprint, handlers and event broadcasting
     models_changed.append(broadcaster.models_changed)

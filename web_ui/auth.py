@@ -2,8 +2,9 @@
 
 When no token is configured everything is open (the default bind is 127.0.0.1). When one is set,
 every HTTP route except the page itself (`/`, `/static/…`) and `/healthz` needs
-`Authorization: Bearer <token>`, and a Socket.IO connection needs `auth: {token}` (or the same
-header on the handshake). Tokens are compared in constant time and never logged.
+`Authorization: Bearer <token>` (Anthropic's /v1/messages routes also take `x-api-key`), and a
+Socket.IO connection needs `auth: {token}` (or the same header on the handshake). Tokens are
+compared in constant time and never logged.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flask import Flask, current_app, request
 from flask_socketio import ConnectionRefusedError
 
 from core.errors import Unauthorized
-from web_ui.errors import render_for_path
+from web_ui.errors import render_for_path, wants_anthropic_shape
 from web_ui.socket_guard import refuse_bad_connect
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def check_http():
     if not expected or is_public(request.path) or request.method == "OPTIONS":
         return None
     given = bearer_token(request.headers)
+    if given is None and wants_anthropic_shape(request.path):
+        given = request.headers.get("x-api-key") or None  # what Anthropic's clients send
     if token_matches(given, expected):
         return None
     return _refusal(request.path, given)

@@ -14,6 +14,7 @@ from flask import Blueprint, jsonify, request
 
 from core.chat import ChatJob
 from core.errors import BadRequest, InternalError
+from web_ui import ollama_api
 from web_ui.errors import http_error
 from web_ui.extensions import services
 from web_ui.sinks import Collector, Failure
@@ -34,6 +35,8 @@ def _sse_event(event: str, payload: Any) -> list[bytes]:
 def chat():
     """Store a user message and answer it; see docs/api.md."""
     body = request.get_json(force=True, silent=True)
+    if ollama_api.is_ollama_chat(body):  # Ollama's /api/chat shares this path: its body has `messages`
+        return ollama_api.chat(body)
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     payload = dict(body)
@@ -42,6 +45,7 @@ def chat():
         raise BadRequest("stream must be true or false", param="stream")
     chat_service = services().chat
     job = chat_service.accept(payload)  # validation errors: 4xx JSON, nothing stored
+    job.surface = "rest"
     if stream:
         sink = start_job(chat_service.runner, job)
         return sse_response(guarded(job, event_stream(sink, _sse_event), "sse"))

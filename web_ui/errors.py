@@ -6,6 +6,10 @@
   ended badly, `download`; the ids say which chat, request or model.
 - REST JSON: `{"error": {code, message, ...}}` with the error's HTTP status (and Retry-After).
 - OpenAI's shape for /v1: `{"error": {message, type, param, code}}`.
+- Anthropic's shape for /v1/messages: `{"type": "error", "error": {type, message}}`.
+- Ollama's shape for its routes under /api/: `{"error": "<message>"}` (the `ollama` client raises
+  ResponseError with it); a route marks itself with `g.api_surface`, so Ollama's POST /api/chat
+  (which shares its path with Switchboard's REST chat) gets it too.
 Framework errors (404, 405, 413...) and anything unexpected get the same shapes, never a traceback.
 """
 
@@ -15,7 +19,7 @@ import json
 import logging
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from core.errors import InternalError, SwitchboardError
@@ -110,9 +114,80 @@ def wants_openai_shape(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
+# -- Ollama's shape --------------------------------------------------------------------------------
+#: Routes that exist only for Ollama clients (POST /api/chat is Ollama's when its body has `messages`).
+OLLAMA_PATHS = frozenset(
+    ("/api/version", "/api/tags", "/api/ps", "/api/show", "/api/generate", "/api/embed", "/api/embeddings")
+)
+
+
+def ollama_error_line(error: SwitchboardError) -> dict[str, Any]:
+    """Ollama's error object (also the last line of a broken NDJSON stream)."""
+    return {"error": error.message}
+
+
+def ollama_error(error: SwitchboardError) -> Response:
+    response = jsonify(ollama_error_line(error))
+    response.status_code = error.http_status
+    log.warning("event=ollama_error code=%s status=%d", error.code, response.status_code)
+    return _with_retry_after(response, error)
+
+
+def request_surface() -> str:
+    """Which API the current request speaks: `g.api_surface` when its route said so, else by path."""
+    marked = g.get("api_surface")
+    if marked:
+        return marked
+    path = request.path
+    if path in OLLAMA_PATHS:
+        return "ollama"
+    if path == "/api/chat" and request.method == "POST":
+        body = request.get_json(force=True, silent=True)
+        if isinstance(body, dict) and "messages" in body and "content" not in body:
+            return "ollama"
+    if wants_anthropic_shape(path):
+        return "anthropic"
+    return "openai" if wants_openai_shape(path) else "rest"
+
+
+# -- Anthropic's shape -----------------------------------------------------------------------------
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def wants_anthropic_shape(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error_body(error: SwitchboardError) -> dict[str, Any]:
+    kind = ANTHROPIC_TYPES.get(openai_status(error), "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def anthropic_error(error: SwitchboardError) -> Response:
+    response = jsonify(anthropic_error_body(error))
+    response.status_code = openai_status(error)
+    log.warning("event=anthropic_error code=%s status=%d", error.code, response.status_code)
+    return _with_retry_after(response, error)
+
+
+RENDERERS = {"openai": openai_error, "ollama": ollama_error, "anthropic": anthropic_error}
+
+
 def render_for_path(error: SwitchboardError) -> Response:
-    """The error in the shape of the surface the current request belongs to."""
-    return openai_error(error) if wants_openai_shape(request.path) else http_error(error)
+    """The error in the shape of the surface the current request belongs to (and counted in /metrics)."""
+    surface = request_surface()
+    metrics = getattr(current_app.extensions.get("switchboard"), "metrics", None)
+    if metrics is not None:
+        metrics.count_error(surface, error)
+    return RENDERERS.get(surface, http_error)(error)
 
 
 def error_json(error: SwitchboardError, path: str = "") -> tuple[int, bytes]:

@@ -21,15 +21,15 @@ from core.errors import InternalError, ModelNotFound
 from core.payloads import CompletionRequest, parse
 from web_ui.errors import openai_error, openai_error_body
 from web_ui.extensions import services
-from web_ui.sinks import ENDINGS, Collector, Failure
-from web_ui.streaming import event_stream, guarded, sse, sse_response, start_job
+from web_ui.sinks import Collector, Failure
+from web_ui.streaming import event_stream, first_events, guarded, sse, sse_response, start_job
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("openai_api", __name__, url_prefix="/v1")
 
 HEADER_WAIT_S = 10.0  # hold the response headers this long for the first token (to report errors as HTTP)
-FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "tool_calls": "tool_calls"}
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -39,14 +39,15 @@ def _model_object(model: Any) -> dict:
 
 @bp.get("/models")
 def list_models():
-    """Every model that can run now, with the registry's ids."""
+    """Every model that can run now, with the registry's ids, then the local embedding model."""
     data = [_model_object(m) for g in services().registry.groups() if g.available for m in g.models if m.available]
+    data += [_model_object(m) for m in services().embeddings.local_models() if m.available]
     return jsonify({"object": "list", "data": data})
 
 
 @bp.get("/models/<path:model_id>")
 def get_model(model_id: str):
-    _, model = services().registry.resolve(model_id)
+    model = services().embeddings.find_local(model_id) or services().registry.resolve(model_id)[1]
     if not model.available:
         raise ModelNotFound(f"model {model_id!r} is not available now: {model.reason or 'unknown reason'}")
     return jsonify(_model_object(model))
@@ -59,6 +60,7 @@ def chat_completions():
     chat = services().chat
     messages = [m.to_message() for m in body.messages]
     job = chat.accept_stateless(body.model, messages, body.to_options(chat.default_options(None)))
+    job.surface = "openai"
     log.info("event=v1_chat_accepted message=%s model=%s stream=%s", job.message_id, job.model.id, body.stream)
     if not body.stream:
         collector = Collector()
@@ -79,6 +81,9 @@ def _completion(job: ChatJob, collector: Collector):
         failure = collector.failure or Failure(InternalError("the answer never ended; see the server log"))
         return openai_error(failure.error)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(collector.content)}
+    if collector.tool_calls:
+        message["tool_calls"] = collector.tool_calls
+        message["content"] = message["content"] or None
     if collector.reasoning:
         message["reasoning_content"] = "".join(collector.reasoning)
     return jsonify(
@@ -134,6 +139,8 @@ class ChunkWriter:
             return [self.chunk({"content": payload["content"]})]
         if event == "reasoning":
             return [self.chunk({"reasoning_content": payload["content"]})]
+        if event == "tool_call_delta":
+            return [self.chunk({"tool_calls": [tool_call_chunk(payload)]})]
         if event == "queued":
             return [f": queued at position {payload.get('position')}\n\n".encode()]
         if event == "done":
@@ -144,21 +151,22 @@ class ChunkWriter:
         return []  # chat_started, citations: nothing in OpenAI's format
 
 
+def tool_call_chunk(delta: dict) -> dict:
+    """A `tool_call_delta` event as OpenAI streams it: id, type and name on a call's first fragment only."""
+    call: dict[str, Any] = {"index": delta["index"], "function": {"arguments": delta["arguments"]}}
+    if delta.get("id"):
+        call["id"], call["type"] = delta["id"], "function"
+    if delta.get("name"):
+        call["function"]["name"] = delta["name"]
+    return call
+
+
 def _stream(job: ChatJob, include_usage: bool):
     """Wait (briefly) for the first token so an early failure gets its HTTP status; then stream."""
     sink = start_job(services().chat.runner, job)
-    early: list[tuple[str, Any]] = []
-    deadline = time.monotonic() + HEADER_WAIT_S
-    while time.monotonic() < deadline:
-        item = sink.get(max(deadline - time.monotonic(), 0.01))
-        if item is None:
-            break
-        early.append(item)
-        event, payload = item
-        if isinstance(payload, Failure):
-            return openai_error(payload.error)
-        if event in ("delta", "reasoning") or event in ENDINGS:
-            break
+    early, failure = first_events(sink, HEADER_WAIT_S)
+    if failure is not None:
+        return openai_error(failure.error)
     writer = ChunkWriter(job, include_usage)
     role = writer.chunk({"role": "assistant", "content": ""})
 

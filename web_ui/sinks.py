@@ -75,6 +75,7 @@ class Collector:
         self.started: dict = {}
         self.done: dict | None = None
         self.failure: Failure | None = None
+        self.tool_calls: list[dict] = []  # OpenAI-shaped, from the `tool_calls` event
 
     def emit(self, event: str, payload: dict) -> None:
         if event == "delta":
@@ -85,6 +86,8 @@ class Collector:
             self.citations = payload.get("sources")
         elif event == "chat_started":
             self.started = payload
+        elif event == "tool_calls":
+            self.tool_calls = payload.get("tool_calls") or []
         elif event == "done":
             self.done = payload
 

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Flask, Response
 
 from core.jobs import JobRunner, StreamJob
-from web_ui.sinks import ENDINGS, QueueSink
+from web_ui.sinks import ENDINGS, Failure, QueueSink
 from web_ui.sockets import run_in_background
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 15.0  # an SSE comment this often while nothing else is sent (also detects gone clients)
+
+#: Content types written chunk by chunk: SSE, and Ollama's NDJSON streams.
+STREAMED_TYPES = ("text/event-stream", "application/x-ndjson")
 
 Render = Callable[[str, Any], list[bytes]]
 
@@ -69,6 +73,27 @@ def event_stream(sink: QueueSink, render: Render, first: list[tuple[str, Any]] |
             return
 
 
+def first_events(sink: QueueSink, wait_s: float) -> tuple[list[tuple[str, Any]], Failure | None]:
+    """Events up to the first piece of the answer (or the end), waiting at most `wait_s`.
+
+    A streamed response's headers wait for them, so a failure before the first token (backend down,
+    model not found there, rate limit) can still be an ordinary HTTP error with its status.
+    """
+    early: list[tuple[str, Any]] = []
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        item = sink.get(max(deadline - time.monotonic(), 0.01))
+        if item is None:
+            break
+        early.append(item)
+        event, payload = item
+        if isinstance(payload, Failure):
+            return early, payload
+        if event in ("delta", "reasoning", "tool_call_delta") or event in ENDINGS:
+            break
+    return early, None
+
+
 def sse_response(chunks: Iterator[bytes]) -> Response:
     """A text/event-stream response (written as soon as each chunk is ready: see `unbuffer_sse`)."""
     response = Response(chunks, mimetype="text/event-stream")
@@ -87,7 +112,7 @@ def unbuffer_sse(app: Flask) -> None:
 
     def wsgi(environ: dict, start_response: Callable) -> Any:
         def start(status: str, headers: list, exc_info: Any = None) -> Any:
-            if any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in headers):
+            if any(k.lower() == "content-type" and v.startswith(STREAMED_TYPES) for k, v in headers):
                 environ["eventlet.minimum_write_chunk_size"] = 0
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 

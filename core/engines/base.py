@@ -40,6 +40,8 @@ class Engine(ABC):
 
     #: The resource manager's role name (chat, knowledge, translation): picks TTLs and switching rules.
     role: str = ""
+    #: The runtime that runs it (metrics, /api/ps and memory profiles label resident models with it).
+    runtime: str = "transformers"
     #: The dtype on CPU when the device is chosen automatically.
     cpu_dtype: str = "bfloat16"
     #: Whether `park_weights`/`unpark_weights` are implemented (move weights to CPU RAM and back).
@@ -202,9 +204,6 @@ class Engine(ABC):
     def memory_bytes(self) -> int:
         """Bytes the weights hold on their device now (0 when unloaded or parked)."""
         return self.loaded_bytes if self.state in (LOADED, UNLOADING) else 0
-
-    #: The runtime named in memory profiles and estimates.
-    runtime: str = "transformers"
 
     def prepare_runtime(self) -> None:
         """Import the runtime's libraries (blocking, once per process), so that a load's measured

@@ -57,8 +57,11 @@ _module_sizes: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
 def weights_on_disk(path: Path) -> int:
-    """Bytes of a model directory's weight files (safetensors, else .bin): roughly what loading it takes."""
+    """Bytes of a model's weight files (a directory's safetensors, else .bin; or one GGUF file): roughly
+    what loading it takes."""
     try:
+        if path.is_file():
+            return path.stat().st_size
         return sum(f.stat().st_size for f in path.glob("*.safetensors")) or sum(
             f.stat().st_size for f in path.glob("*.bin")
         )

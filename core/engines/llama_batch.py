@@ -206,6 +206,7 @@ class BatchLoop:
         if text:
             stream.emit(text)
         if stopped:
+            stream.result.stop_sequence = stream.text.matched
             self._finish(stream, "stop", flush=False)
         elif stream.produced >= stream.max_new_tokens or stream.pos >= self.n_ctx_seq:
             self._finish(stream, "length")

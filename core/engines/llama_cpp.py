@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.engines.base import Engine
+from core.engines.grammar import GrammarConstraint, grammar_for
 from core.engines.llama_batch import BatchLoop, Stream
 from core.engines.sampling import Sampler, TextAssembler
 from core.errors import GenerationFailed, ModelUnavailable, TooLong
@@ -59,6 +60,7 @@ class LlamaCppChatEngine(Engine):
     """One local GGUF chat model served by llama.cpp, up to `max_parallel` streams decoded together."""
 
     role = "chat"
+    runtime = "llama.cpp"
 
     def __init__(
         self,
@@ -74,8 +76,6 @@ class LlamaCppChatEngine(Engine):
         self.context_tokens = max(256, context_tokens)
         self.threads = threads or os.cpu_count() or 1
         self.dtype = "gguf"
-
-    runtime = "llama.cpp"
 
     def prepare_runtime(self) -> None:
         import llama_cpp
@@ -188,7 +188,10 @@ class LlamaCppChatEngine(Engine):
         if len(prompt) >= self.context_tokens:
             raise TooLong(f"the prompt is {len(prompt)} tokens; {self.model_id} has {self.context_tokens} per stream")
         penalty = DEFAULT_REPEAT_PENALTY if options.repeat_penalty is None else options.repeat_penalty
-        sampler = Sampler(options.temperature, options.top_p, penalty)
+        constraint = None
+        if options.output is not None:
+            constraint = GrammarConstraint(weights.lib, weights.vocab, grammar_for(options.output))
+        sampler = Sampler(options.temperature, options.top_p, penalty, constraint=constraint)
         stream = Stream(prompt, options.max_new_tokens, sampler, TextAssembler(options.stop), cancel, emit, result)
         weights.loop.submit(stream)
         stream.done.wait()

@@ -30,6 +30,7 @@ class Sampler:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         history: list[int] | None = None,
+        constraint: Any = None,
     ) -> None:
         import numpy as np
 
@@ -39,10 +40,20 @@ class Sampler:
         self.recent: list[int] = list(history or [])[-PENALTY_WINDOW:]
         self._np = np
         self._rng = np.random.default_rng(seed)
+        #: Which tokens may come next (core.engines.grammar.GrammarConstraint), or None.
+        self.constraint = constraint
 
     def pick(self, logits: Any) -> int:
         """The next token; `logits` may be changed in place (it is the loop's scratch row)."""
-        token = self._choose(self._penalize(logits))
+        logits = self._penalize(logits)
+        constraint = self.constraint
+        if constraint is None:
+            token = self._choose(logits)
+        else:  # choose freely; only when the grammar refuses that token, mask and choose again
+            token = self._choose(logits)
+            if not constraint.allows(token):
+                token = self._choose(constraint.mask(logits))
+            constraint.accept(token)
         self.recent = [*self.recent[-(PENALTY_WINDOW - 1) :], token]
         return token
 
@@ -83,6 +94,7 @@ class TextAssembler:
         self.stops = [s for s in stops if s]
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
+        self.matched: str | None = None  # the stop string that ended the text, once one did
 
     def feed(self, data: bytes) -> tuple[str, bool]:
         text = self._held + self._decoder.decode(data)
@@ -92,7 +104,9 @@ class TextAssembler:
         found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if found:
             self._held = ""
-            return text[: min(found)], True
+            cut = min(found)
+            self.matched = next(s for s in self.stops if text.find(s) == cut)
+            return text[:cut], True
         keep = self._partial_stop(text)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False

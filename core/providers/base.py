@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.concurrency import run_blocking
-from core.errors import TooLong
+from core.errors import BadRequest, TooLong
 from core.types import CancelToken, ChatOptions, Message, ModelInfo, StreamResult
 
 # Rough characters-per-token ratio used when a backend offers no tokenizer.
@@ -113,6 +113,10 @@ class Provider(ABC):
     def wait_unloaded(self, names: Iterable[str], timeout: float = 10.0) -> bool:
         """Wait until none of `names` is held any more; False when `timeout` passed first."""
         return True
+
+    def embed(self, model: ModelInfo, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Vectors for `texts` and the input tokens they took (blocking); BadRequest if the backend has none."""
+        raise BadRequest(f"{model.name} is served by {self.display_name or self.kind}, which has no embeddings")
 
     def count_tokens(self, model: ModelInfo, messages: list[Message]) -> int:
         """Tokens the messages take in the model's context; an estimate unless overridden."""

@@ -17,7 +17,7 @@ from core.concurrency import os_lock, stream_blocking
 from core.engines.base import Engine
 from core.engines.chat import TransformersChatEngine
 from core.engines.llama_cpp import LlamaCppChatEngine, llama_cpp_available
-from core.errors import ModelUnavailable
+from core.errors import BadRequest, ModelUnavailable
 from core.models.bundled import ensure_bundled_model, find_bundled_gguf
 from core.models.cache import INCOMPLETE, READY, ModelCache
 from core.models.catalog import CATALOG, CatalogEntry, find_entry
@@ -253,6 +253,18 @@ class LocalProvider(Provider):
         emit: Callable[[Any], None],
     ) -> None:
         engine = self.engine_for(model)
+        if options.tools:
+            raise BadRequest(
+                f"{model.name}: tools need a model whose chat template supports them; local models do not "
+                "take tools here yet",
+                param="tools",
+            )
+        if options.output is not None and not isinstance(engine, LlamaCppChatEngine):
+            raise BadRequest(
+                f"{model.name} runs on transformers, which has no constrained decoding here; "
+                "response_format works with GGUF models on llama.cpp",
+                param="response_format",
+            )
         try:
             engine.generate_to(messages, options, cancel, result, emit)
         finally:  # after the answer, not before it: a file write would add to the time to first token

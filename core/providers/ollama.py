@@ -32,6 +32,7 @@ from core.errors import (
 from core.providers.base import Provider, ProviderGroup
 from core.providers.watchdog import StreamWatchdog, requests_socket, timeout_error
 from core.reasoning import Reasoning
+from core.tools import ToolCallDelta
 from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, StreamResult
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,25 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 def normalize_name(name: str) -> str:
     """Ollama's `model:tag` form: a name without a tag means `:latest`."""
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def ollama_message(message: Message) -> dict[str, Any]:
+    """A message in Ollama's shape: tool calls carry their arguments as objects, tool results the tool's name."""
+    data: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        data["tool_calls"] = [
+            {"function": {"name": c.name, "arguments": _json_object(c.arguments)}} for c in message.tool_calls
+        ]
+    if message.role == "tool" and message.name:
+        data["tool_name"] = message.name
+    return data
+
+
+def _json_object(text: str) -> Any:
+    try:
+        return json.loads(text or "{}")
+    except ValueError:
+        return {}
 
 
 def keep_alive_value(raw: str) -> str | int | float:
@@ -215,6 +235,25 @@ class OllamaProvider(Provider):
             },
         )
 
+    # -- embeddings ---------------------------------------------------------------------------
+    def embed(self, model: ModelInfo, texts: list[str]) -> tuple[list[list[float]], int]:
+        """POST /api/embed: one vector per text, and Ollama's count of input tokens."""
+        body = {
+            "model": model.native_name,
+            "input": texts,
+            "keep_alive": keep_alive_value(self.settings.ollama_keep_alive),
+        }
+        resp = self._request("POST", "/api/embed", json=body)
+        self._raise_for_status(resp, model.native_name)
+        try:
+            data = resp.json()
+            vectors = [[float(x) for x in v] for v in data["embeddings"]]
+        except (ValueError, KeyError, TypeError):
+            raise ProviderError(f"Ollama at {self.host} sent an unreadable /api/embed answer") from None
+        if len(vectors) != len(texts):
+            raise ProviderError(f"Ollama returned {len(vectors)} embeddings for {len(texts)} inputs")
+        return vectors, int(data.get("prompt_eval_count") or 0)
+
     # -- chat ---------------------------------------------------------------------------------
     def _chat_body(self, model: ModelInfo, messages: list[Message], options: ChatOptions) -> dict:
         opts: dict[str, Any] = {
@@ -224,9 +263,15 @@ class OllamaProvider(Provider):
         }
         if options.stop:
             opts["stop"] = list(options.stop)
+        extra: dict[str, Any] = {}
+        if options.tools:
+            extra["tools"] = options.tools
+        if options.output is not None:
+            extra["format"] = "json" if options.output.kind == "json_object" else options.output.schema
         return {
+            **extra,
             "model": model.native_name,
-            "messages": [m.to_dict() for m in messages],
+            "messages": [ollama_message(m) for m in messages],
             "stream": True,
             "options": opts,
             "keep_alive": keep_alive_value(self.settings.ollama_keep_alive),
@@ -271,6 +316,7 @@ class OllamaProvider(Provider):
         if sock is not None:  # only a backstop from here on: the watchdog enforces the limits
             sock.settimeout(max(first_s, idle_s) + 1.0)
         watch = StreamWatchdog(cancel, sock, started, first_s, idle_s, name="ollama-watchdog")
+        calls = 0  # tool calls so far
         try:
             if resp.status_code != 200:
                 self._raise_for_status(resp, model=name)
@@ -285,10 +331,17 @@ class OllamaProvider(Provider):
                     yield Reasoning(thinking)
                 if content:
                     yield content
+                for call in message.get("tool_calls") or []:  # Ollama sends each call whole
+                    function = call.get("function") or {}
+                    yield ToolCallDelta(
+                        calls, json.dumps(function.get("arguments") or {}), f"call_{calls}", function.get("name")
+                    )
+                    calls += 1
                 if cancel.is_set():
                     break
                 if obj.get("done"):
                     result.finish_reason = "length" if obj.get("done_reason") == "length" else "stop"
+                    result.finish_reason = "tool_calls" if calls else result.finish_reason
                     result.usage.prompt_tokens = int(obj.get("prompt_eval_count") or 0)
                     result.usage.completion_tokens = int(obj.get("eval_count") or 0)
                     log.info(

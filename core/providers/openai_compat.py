@@ -36,7 +36,8 @@ from core.providers.memory_control import MemoryControl, memory_control
 from core.providers.watchdog import StreamWatchdog, httpx_socket, timeout_error
 from core.reasoning import Reasoning
 from core.redact import mask_secrets
-from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, StreamResult, Usage
+from core.tools import ToolCallDelta
+from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, OutputFormat, StreamResult, Usage
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,16 @@ def _adapted(params: dict[str, Any], refused: tuple[str, ...]) -> dict[str, Any]
         if name == "max_tokens" and value is not None:
             out["max_completion_tokens"] = value
     return out
+
+
+def response_format(output: OutputFormat) -> dict[str, Any]:
+    """OpenAI's `response_format` for a constrained output."""
+    if output.kind == "json_object":
+        return {"type": "json_object"}
+    spec: dict[str, Any] = {"name": output.name or "response", "schema": output.schema}
+    if output.strict is not None:
+        spec["strict"] = output.strict
+    return {"type": "json_schema", "json_schema": spec}
 
 
 class OpenAICompatProvider(Provider):
@@ -323,6 +334,12 @@ class OpenAICompatProvider(Provider):
         }
         if options.stop:
             params["stop"] = list(options.stop)
+        if options.output is not None:
+            params["response_format"] = response_format(options.output)
+        if options.tools:
+            params["tools"] = options.tools
+            if options.tool_choice is not None:
+                params["tool_choice"] = options.tool_choice
         # Once the body flows the read timeout is only a backstop: the watchdog enforces the limits.
         client = self._take_client(key)
         started, chunks, finish, usage = time.monotonic(), 0, None, None
@@ -356,7 +373,16 @@ class OpenAICompatProvider(Provider):
                         yield Reasoning(reasoning)
                     text = getattr(delta, "content", None)
                     finish = getattr(choice, "finish_reason", None) or finish
-                    watch.progress(bool(text or reasoning))
+                    calls = getattr(delta, "tool_calls", None) or []
+                    for call in calls:  # relayed as they come: id and name first, then argument fragments
+                        function = call.function
+                        yield ToolCallDelta(
+                            call.index,
+                            (function.arguments if function else None) or "",
+                            call.id,
+                            function.name if function else None,
+                        )
+                    watch.progress(bool(text or reasoning or calls))
                     if text:
                         chunks += 1
                         yield text
@@ -385,7 +411,7 @@ class OpenAICompatProvider(Provider):
             raise StreamInterrupted(
                 f"{self.display_name} ended the stream before the answer was finished (after {chunks} chunks)"
             )
-        result.finish_reason = "length" if finish == "length" else "stop"
+        result.finish_reason = finish if finish in ("length", "tool_calls") else "stop"
         if usage is not None:
             result.usage = Usage(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
         else:
@@ -418,6 +444,22 @@ class OpenAICompatProvider(Provider):
                 log.info("event=openai_parameter_refused connection=%s model=%s param=%s", self.key, model, refused)
                 self._refused[model] = (*self._refused.get(model, ()), refused)
                 params = _adapted(params, (refused,))
+
+    # -- embeddings ------------------------------------------------------------------------------
+    def embed(self, model: ModelInfo, texts: list[str]) -> tuple[list[list[float]], int]:
+        """POST {base_url}/embeddings (floats), passed through; the server's usage, or 0."""
+        key = self._api_key()
+        if key is None:
+            raise ModelUnavailable(f"{self.display_name} is unavailable: set {self.conn.env}")
+        timeout = openai.Timeout(max(self.settings.idle_timeout, 30.0), connect=self.settings.connect_timeout)
+        try:
+            with self._client(key, timeout) as client:
+                answer = client.embeddings.create(model=model.native_name, input=texts, encoding_format="float")
+        except openai.OpenAIError as exc:
+            raise self._error(exc, model, key, streaming=False) from None
+        vectors = [list(item.embedding) for item in sorted(answer.data, key=lambda d: d.index)]
+        usage = getattr(answer, "usage", None)
+        return vectors, int(getattr(usage, "prompt_tokens", 0) or 0)
 
     # -- errors ----------------------------------------------------------------------------------
     def _timeout(self, why: str) -> ProviderTimeout:

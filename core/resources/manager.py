@@ -25,7 +25,7 @@ from core.concurrency import run_blocking
 from core.engines.base import Engine
 from core.providers.base import resolve_engine
 from core.resources import memory
-from core.resources.arbiter import Arbiter, Notify
+from core.resources.arbiter import Arbiter, Notify, measured_bytes
 from core.resources.estimate import MemoryProfiles
 from core.resources.policy import POLICIES, plan_evictions
 from core.resources.runtimes import OtherRuntimes
@@ -77,6 +77,8 @@ class ResourceManager:
         self.last_switch: dict[str, Any] | None = None
         self.current_kind: str | None = None
         self.listeners: list[Callable[[], None]] = []
+        #: Called with ("load" | "unload" | "switch", what was measured) after each one: metrics.
+        self.observers: list[Callable[[str, dict[str, Any]], None]] = []
         self._cond = threading.Condition()
         self._switch = threading.RLock()
         #: Providers that hold memory of their own (Ollama): released before a local model loads.
@@ -122,6 +124,13 @@ class ResourceManager:
             except Exception:
                 log.exception("event=resource_listener_failed")
 
+    def _observe(self, action: str, info: dict[str, Any]) -> None:
+        for observer in self.observers:
+            try:
+                observer(action, info)
+            except Exception:
+                log.exception("event=resource_observer_failed action=%s", action)
+
     def _wait_for_leases(self, slot: Slot) -> None:
         with self._cond:
             slot.unload_pending = True
@@ -131,11 +140,24 @@ class ResourceManager:
                 self._cond.wait(timeout=0.25)
 
     # -- loading and unloading -------------------------------------------------------------------
-    def _measured(self, action: str, slot: Slot, reason: str, fn: Callable[[], None]) -> tuple[dict, dict]:
+    def _measured(
+        self, action: str, slot: Slot, reason: str, fn: Callable[[], None], expected: int = 0
+    ) -> tuple[dict, dict]:
+        """Run a load or unload, log it with memory before/after/freed, tell observers (metrics)."""
+        engine = slot.engine
         before, started = memory.snapshot(), time.monotonic()
         run_blocking(fn)
         after = memory.snapshot()
-        engine = slot.engine
+        self._observe(
+            action,
+            {
+                "model": str(ModelId.local(getattr(engine, "model_id", "?"))),
+                "reason": reason,
+                "seconds": time.monotonic() - started,
+                "expected": expected,
+                "measured": measured_bytes(engine, before, after) if action == "load" else engine.memory_bytes(),
+            },
+        )
         log.info(
             "event=engine_%s engine=%s model=%s device=%s reason=%s took_ms=%d bytes=%d %s",
             action,
@@ -173,7 +195,8 @@ class ResourceManager:
         self._changed()
         try:
             run_blocking(slot.engine.prepare_runtime)
-            before, after = self._measured("load", slot, reason, slot.engine.load)
+            expected = estimate.need if estimate else slot.engine.expected_bytes()
+            before, after = self._measured("load", slot, reason, slot.engine.load, expected)
             self.arbiter.record(slot, estimate, before, after)
         finally:
             self._changed()
@@ -296,6 +319,22 @@ class ResourceManager:
                 turn.leased()
                 yield engine
 
+    def release(self, provider: Any, model: ModelInfo, reason: str) -> list[str]:
+        """Unload one model now (Ollama's keep_alive 0): its local engine once its leases end, or ask the
+        runtime that holds it. Returns what was unloaded."""
+        if provider.in_process:
+            with self._switch:
+                slots = [s for s in self.slots_of(model.native_name) if s.engine.is_loaded()]
+                for slot in slots:
+                    self._unload(slot, reason)
+            self._changed()
+            return [s.key for s in slots]
+        if provider.holds_memory:
+            run_blocking(provider.unload, model)
+            self._changed()
+            return [model.id]
+        return []
+
     def prepare(self, provider: Any, model: ModelInfo, reason: str) -> None:
         """What `select_model` does: switch now (free and load) without keeping a lease."""
         with self.claim(provider, model, reason):
@@ -326,6 +365,7 @@ class ResourceManager:
                 b["allocated"] - a["allocated"] for b, a in zip(before["cuda"], after["cuda"], strict=False)
             ),
         }
+        self._observe("switch", {"from": previous, "to": target, "seconds": time.monotonic() - started})
         log.info(
             "event=model_switch from=%s to=%s reason=%s unloaded=%s took_ms=%d %s",
             previous,
@@ -412,11 +452,11 @@ class ResourceManager:
                     "model": getattr(s.engine, "model_id", None),
                     "state": "unloading" if s.unload_pending and s.engine.is_loaded() else s.engine.state,
                     "device": getattr(s.engine, "device", None),
+                    "runtime": getattr(s.engine, "runtime", None),
                     "bytes": s.engine.memory_bytes(),
                     "last_used": s.last_used,
                     "leases": s.leases,
                     "waiting_for_leases": s.unload_pending and s.leases > 0,
-                    "runtime": getattr(s.engine, "runtime", None),
                 }
                 for s in slots
             ]

@@ -4,6 +4,11 @@ GET /v1/models lists MODELS; POST /v1/chat/completions answers (streamed SSE or 
 
   think-tags   the reasoning inside the text, tags split across chunks: "<th" "ink>step</" "think>Ans" "wer"
   think-field  the reasoning in separate `reasoning_content` deltas ("st" "ep"), then "Ans" "wer"
+  weather      calls a tool: with `tools` and no tool result yet it streams one call of the first tool,
+               arguments {"city": "Paris"} in pieces, finish_reason "tool_calls"; after a `tool` message it
+               answers "Tool said: <its content>"
+
+POST /v1/embeddings answers a deterministic 8-dimensional vector per input (usage: words).
 
 GET /_test/log returns {"requests": [request bodies]}. Requests are checked as OpenAI checks them
 (openai_rules.py): broken JSON, unknown or mistyped fields are a 400 in OpenAI's error shape.
@@ -33,7 +38,22 @@ SCRIPTS: dict[str, list[tuple[str, str]]] = {
     "think-tags": [("content", "<th"), ("content", "ink>step</"), ("content", "think>Ans"), ("content", "wer")],
     "think-field": [("reasoning", "st"), ("reasoning", "ep"), ("content", "Ans"), ("content", "wer")],
 }
-MODELS = list(SCRIPTS)
+MODELS = [*SCRIPTS, "weather"]
+TOOL_ARGUMENTS = ['{"ci', 'ty": "Pa', 'ris"}']
+
+
+def weather_script(body: dict) -> tuple[list[tuple[str, str]], str]:
+    """The `weather` model's answer to `body`: (chunks, finish_reason); "tool" chunks carry arguments."""
+    last = body["messages"][-1]
+    if last.get("role") == "tool":
+        return [("content", "Tool said: "), ("content", str(last.get("content")))], "stop"
+    if body.get("tools"):
+        return [("tool", piece) for piece in TOOL_ARGUMENTS], "tool_calls"
+    return [("content", "No tools.")], "stop"
+
+
+def tool_name(body: dict) -> str:
+    return body["tools"][0]["function"]["name"]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -72,23 +92,41 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route {self.path}")
 
     def do_POST(self) -> None:  # noqa: N802
+        if self.path == "/v1/embeddings":
+            return self._embeddings()
         if self.path != "/v1/chat/completions":
             return self._error(404, f"no route {self.path}")
         status, body = check_request(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
         if status != 200:
             return self._json(status, body)
-        if body["model"] not in SCRIPTS:
+        if body["model"] not in MODELS:
             return self._error(404, f"The model `{body['model']}` does not exist.", "model_not_found")
         with self.server.lock:
             self.server.log.append(body)
-        script = SCRIPTS[body["model"]]
+        script, finish = weather_script(body) if body["model"] == "weather" else (SCRIPTS[body["model"]], "stop")
         if body.get("stream"):
-            self._stream(body, script)
+            self._stream(body, script, finish)
         else:
-            self._complete(body, script)
+            self._complete(body, script, finish)
 
-    def _complete(self, body: dict, script: list[tuple[str, str]]) -> None:
+    def _embeddings(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        texts = [body["input"]] if isinstance(body.get("input"), str) else body.get("input") or []
+        data = [
+            {"object": "embedding", "index": i, "embedding": [float((len(t) * (k + 1)) % 7) for k in range(8)]}
+            for i, t in enumerate(texts)
+        ]
+        words = sum(len(t.split()) for t in texts)
+        usage = {"prompt_tokens": words, "total_tokens": words}
+        self._json(200, {"object": "list", "data": data, "model": body.get("model"), "usage": usage})
+
+    def _complete(self, body: dict, script: list[tuple[str, str]], finish: str = "stop") -> None:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(t for k, t in script if k == "content")}
+        calls = "".join(t for k, t in script if k == "tool")
+        if calls:
+            message["tool_calls"] = [
+                {"id": "call_1", "type": "function", "function": {"name": tool_name(body), "arguments": calls}}
+            ]
         reasoning = "".join(t for k, t in script if k == "reasoning")
         if reasoning:
             message["reasoning_content"] = reasoning
@@ -99,12 +137,12 @@ class _Handler(BaseHTTPRequestHandler):
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": body["model"],
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                 "usage": {"prompt_tokens": 5, "completion_tokens": len(script), "total_tokens": 5 + len(script)},
             },
         )
 
-    def _stream(self, body: dict, script: list[tuple[str, str]]) -> None:
+    def _stream(self, body: dict, script: list[tuple[str, str]], finish: str = "stop") -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -127,10 +165,17 @@ class _Handler(BaseHTTPRequestHandler):
 
         try:
             chunk({"role": "assistant", "content": ""})
-            for kind, text in script:
+            for i, (kind, text) in enumerate(script):
                 time.sleep(self.server.chunk_delay)
-                chunk({"reasoning_content": text} if kind == "reasoning" else {"content": text})
-            chunk({}, "stop")
+                if kind == "tool":  # the first delta of a call carries its id and name, the rest only arguments
+                    call: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
+                    if i == 0:
+                        call.update({"id": "call_1", "type": "function"})
+                        call["function"]["name"] = tool_name(body)
+                    chunk({"tool_calls": [call]})
+                else:
+                    chunk({"reasoning_content": text} if kind == "reasoning" else {"content": text})
+            chunk({}, finish)
             if (body.get("stream_options") or {}).get("include_usage"):
                 chunk(
                     {},
