@@ -99,5 +99,12 @@ def test_errors_in_anthropic_shape(client, server):
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model=BUNDLED_ID, max_tokens=0, messages=FRANCE)
     assert caught.value.body["type"] == "error" and caught.value.body["error"]["type"] == "invalid_request_error"
+    # A body that is not declared JSON is refused before it is read (415, as on every JSON route), in
+    # Anthropic's shape; one declared JSON that is not is a 400.
     raw = requests.post(server.url + "/v1/messages", data="not json", timeout=5)
-    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+    assert raw.status_code == 415 and raw.json()["type"] == "error", raw.text
+    assert raw.json()["error"]["type"] == "invalid_request_error"
+    broken = requests.post(
+        server.url + "/v1/messages", data="not json", headers={"Content-Type": "application/json"}, timeout=5
+    )
+    assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error", broken.text

@@ -167,7 +167,9 @@ def wants_anthropic_shape(path: str) -> bool:
 
 
 def anthropic_error_body(error: SwitchboardError) -> dict[str, Any]:
-    kind = ANTHROPIC_TYPES.get(openai_status(error), "api_error")
+    status = openai_status(error)
+    # Anthropic documents no type for other 4xx (415 from the JSON-only check): a request error.
+    kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
     return {"type": "error", "error": {"type": kind, "message": error.message}}
 
 
