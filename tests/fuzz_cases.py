@@ -133,6 +133,24 @@ DELETES = st.one_of(
     ids.map(lambda i: f"/api/knowledge/documents/{quoted(i)}"),
     st.tuples(ids, ids).map(lambda p: "/api/cache/models/" + "/".join(quoted(x) for x in p)),
 )
+odd_headers = st.one_of(
+    st.sampled_from(
+        [
+            {"Origin": "http://evil.example"},
+            {"Origin": "null"},
+            {"Host": "evil.example"},
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Referer": "http://[bad"},
+            {"Origin": "http://[::1"},
+            {"Host": "[::1"},
+        ]
+    ),
+    st.builds(
+        lambda name, value: {name: value},
+        st.sampled_from(["Origin", "Referer", "Host", "Sec-Fetch-Site"]),
+        st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=30),
+    ),
+)
 CONTENT_TYPES = st.sampled_from(
     ["application/json", "application/json; charset=utf-8", "text/plain", "application/x-www-form-urlencoded"]
     + ["application/json; charset=utf-16", "multipart/form-data; boundary=x", "", "application/xml"]
@@ -145,18 +163,7 @@ def http_requests(draw: Any) -> dict:
     kind = draw(st.sampled_from(["json"] * 6 + ["get", "delete", "raw", "upload", "method"]))
     headers: dict[str, str] = {}
     if draw(st.integers(0, 9)) == 0:
-        headers.update(
-            draw(
-                st.sampled_from(
-                    [
-                        {"Origin": "http://evil.example"},
-                        {"Origin": "null"},
-                        {"Host": "evil.example"},
-                        {"Sec-Fetch-Site": "cross-site"},
-                    ]
-                )
-            )
-        )
+        headers.update(draw(odd_headers))
     if kind == "get":
         return {"method": "GET", "path": draw(GETS), "headers": headers}
     if kind == "delete":

@@ -86,6 +86,7 @@ def test_cross_site_simple_requests_change_nothing(server):
         {"Origin": EVIL},
         {"Origin": "null"},
         {"Referer": EVIL + "/page.html"},
+        {"Referer": "http://[not-a-url"},
         {"Sec-Fetch-Site": "cross-site"},
         {"Origin": f"http://rebind.evil.example:{server.port}"},  # an Origin that matches no allowed Host
     ):

@@ -79,7 +79,7 @@ def _joined(host: str, port: str) -> str:
 
 
 class Headers(Protocol):
-    """Request headers by name: werkzeug's Headers, or `environ_headers` of a WSGI environ."""
+    """Request headers by name (werkzeug's Headers, or a dict in tests)."""
 
     def get(self, key: str, default: None = None) -> str | None: ...
 
@@ -131,12 +131,20 @@ class OriginPolicy:
             return None if self.origin_allowed(origin, host) else f"origin {printable(origin)} is not allowed"
         referer = headers.get("Referer")
         if referer:
-            parts = urlsplit(referer)
-            source = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else "null"
+            source = _origin_of(referer)
             return None if self.origin_allowed(source, host) else f"referer origin {printable(source)} is not allowed"
         if (headers.get("Sec-Fetch-Site") or "").lower() in FOREIGN_FETCH_SITES:
             return "a cross-site browser request without an Origin"
         return None
+
+
+def _origin_of(url: str) -> str:
+    """`scheme://netloc` of a URL such as a Referer ("null" when it has none or cannot be read)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "null"
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else "null"
 
 
 def _strip_default_port(netloc: str) -> str:
