@@ -68,7 +68,7 @@ class Arbiter:
     def estimate(self, engine: Any) -> Estimate | None:
         try:
             return self.profiles.apply(engine.estimate())
-        except (OSError, ValueError) as exc:  # unreadable headers: no prediction, the load still runs
+        except Exception as exc:  # unreadable headers: no prediction; the load reports what is wrong
             log.warning("event=memory_estimate_failed model=%s error=%r", getattr(engine, "model_id", "?"), exc)
             return None
 

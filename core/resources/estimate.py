@@ -91,6 +91,8 @@ def safetensors_weights(directory: Path, dtype_bytes: int) -> int:
 def _safetensors_file(path: str, _mtime: float, dtype_bytes: int) -> int:
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
+        if length > 100 * MiB:  # safetensors caps its header at 100 MB: this is not one
+            raise ValueError(f"{path}: not a safetensors header ({length} bytes)")
         header = json.loads(f.read(length))
     total = 0
     for name, tensor in header.items():
