@@ -142,7 +142,10 @@ def request_surface() -> str:
     if path in OLLAMA_PATHS:
         return "ollama"
     if path == "/api/chat" and request.method == "POST":
-        body = request.get_json(force=True, silent=True)
+        try:  # the checked body (web_ui.bodies) raises for a refused one: that is no Ollama request
+            body = request.get_json(force=True, silent=True)
+        except SwitchboardError:
+            body = None
         if isinstance(body, dict) and "messages" in body and "content" not in body:
             return "ollama"
     if wants_anthropic_shape(path):
