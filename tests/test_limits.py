@@ -8,13 +8,14 @@ with a code (never a 500), and nothing is stored for a refused request.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import requests
 
 from core.errors import BadRequest
 from core.limits import MAX_JSON_BYTES, MAX_JSON_DEPTH, TooLarge, loads_checked, socket_message_bytes, too_deep
-from tests.helpers import BUNDLED_ID, TRACEBACK, json_body, raw_request
+from tests.helpers import BUNDLED_ID, TRACEBACK, Latency, json_body, raw_request
 
 
 # -- the checks on their own -----------------------------------------------------------------------------
@@ -134,6 +135,23 @@ def test_too_large_bodies_are_413_too_large(server):
         assert raw.startswith(b"HTTP/1.1 413 "), raw[:200]
         assert json_body(raw)["error"]["code"] == "too_large"
     assert server.get("/api/knowledge/documents").json()["documents"] == []
+
+
+def test_a_big_json_body_stalls_no_one(server):
+    """A body near the 4 MiB limit is checked and parsed off the event loop: other clients keep being served."""
+    conversation = [{"role": "user", "content": "[x] " * 2000}] * 450  # ~3.6 MiB, some nesting to scan
+    body = json.dumps({"model": "nope:nope", "messages": conversation}).encode()
+    assert MAX_JSON_BYTES * 0.8 < len(body) < MAX_JSON_BYTES
+    with Latency(server) as latency:
+        time.sleep(0.3)
+        for _ in range(5):
+            response = requests.post(
+                server.url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+            )
+            assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+        time.sleep(0.3)
+    assert len(latency.samples) > 20 and not latency.failures
+    assert latency.p99() < 0.2, f"/healthz p99 {latency.p99() * 1000:.0f} ms while 3.6 MiB bodies were parsed"
 
 
 def test_the_http_servers_own_refusals_are_json(server):
