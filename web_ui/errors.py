@@ -121,7 +121,10 @@ def request_surface() -> str:
     if path in OLLAMA_PATHS:
         return "ollama"
     if path == "/api/chat" and request.method == "POST":
-        body = request.get_json(force=True, silent=True)
+        try:  # the body may be what failed (too large, unreadable): then it is not Ollama's
+            body = request.get_json(force=True, silent=True)
+        except Exception:
+            body = None
         if isinstance(body, dict) and "messages" in body and "content" not in body:
             return "ollama"
     if wants_anthropic_shape(path):
