@@ -51,7 +51,7 @@ def test_json_schema_answers_validate_ten_times_out_of_ten(server, temperature):
                 model=BUNDLED_ID,
                 messages=QUESTION,
                 temperature=temperature,
-                max_tokens=256,
+                max_tokens=1100,  # room for two strings at their default bound (grammar.DEFAULT_MAX_STRING)
                 response_format=RESPONSE_FORMAT,
             )
             assert completion.choices[0].finish_reason == "stop"
@@ -131,3 +131,23 @@ def test_strings_may_not_hold_raw_control_characters(model_dir):
         assert not any(constraint.allows(_tokenize(lib, vocab, raw)[0]) for raw in ("\n", "\t", " \n"))
     finally:
         engine.unload()
+
+
+def test_free_form_strings_get_a_length_bound():
+    from core.engines.grammar import DEFAULT_MAX_STRING, bounded
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "code": {"type": "string", "maxLength": 3},
+            "kind": {"type": "string", "enum": ["a", "b"]},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+    props = bounded(schema)["properties"]
+    assert (
+        props["city"]["maxLength"] == DEFAULT_MAX_STRING and props["tags"]["items"]["maxLength"] == DEFAULT_MAX_STRING
+    )
+    assert props["code"]["maxLength"] == 3 and "maxLength" not in props["kind"]
+    assert schema["properties"]["city"] == {"type": "string"}, "the client's schema is left as it was"

@@ -142,9 +142,9 @@ def request_surface() -> str:
     if path in OLLAMA_PATHS:
         return "ollama"
     if path == "/api/chat" and request.method == "POST":
-        try:  # the checked body (web_ui.bodies) raises for a refused one: that is no Ollama request
+        try:  # the body may be what failed (refused by web_ui.bodies, too large): then it is not Ollama's
             body = request.get_json(force=True, silent=True)
-        except SwitchboardError:
+        except Exception:
             body = None
         if isinstance(body, dict) and "messages" in body and "content" not in body:
             return "ollama"

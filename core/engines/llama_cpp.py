@@ -187,7 +187,9 @@ class LlamaCppChatEngine(Engine):
         prompt = self.prompt_tokens(messages)
         if len(prompt) >= self.context_tokens:
             raise TooLong(f"the prompt is {len(prompt)} tokens; {self.model_id} has {self.context_tokens} per stream")
-        penalty = DEFAULT_REPEAT_PENALTY if options.repeat_penalty is None else options.repeat_penalty
+        penalty = options.repeat_penalty
+        if penalty is None:  # JSON repeats quotes, braces and keys by design: no default penalty under a grammar
+            penalty = 1.0 if options.output is not None else DEFAULT_REPEAT_PENALTY
         constraint = None
         if options.output is not None:
             constraint = GrammarConstraint(weights.lib, weights.vocab, grammar_for(options.output))
