@@ -14,6 +14,7 @@ endpoint is a closed port, so a valid download fails at once.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,17 @@ class Fuzzer:
             if self.http.get(self.server.url + "/healthz", timeout=10).ok:
                 break
         if self.client is not None:
+            # A chat is stored when accepted and announced by a background task a moment later: under a
+            # loaded machine that can come after the last case, so wait until events stop arriving.
+            seen, quiet = -1, 0
+            for _ in range(60):
+                if len(self.client.events) == seen:
+                    quiet += 1
+                    if quiet >= 3:
+                        break
+                else:
+                    seen, quiet = len(self.client.events), 0
+                time.sleep(0.25)
             self.accepted |= {d["chat_id"] for _, n, d in self.client.events if n == "chat_started"}
             self.client.close()
         if self.raw is not None:

@@ -148,7 +148,9 @@ def test_a_big_json_body_stalls_no_one(server):
             response = requests.post(
                 server.url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
             )
-            assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+            # Refused after the parse: by the /v1 prompt limit (chat.api_max_prompt_chars) or the unknown model.
+            assert response.status_code in (400, 404), response.text
+            assert response.json()["error"]["code"] in ("too_long", "model_not_found")
         time.sleep(0.3)
     assert len(latency.samples) > 20 and not latency.failures
     assert latency.p99() < 0.2, f"/healthz p99 {latency.p99() * 1000:.0f} ms while 3.6 MiB bodies were parsed"
