@@ -91,6 +91,11 @@ class Fuzzer:
             elif status >= 400:
                 if case["method"] != "HEAD":  # a HEAD answer has no body
                     self._check_error_body(response, case)
+                    # Accepted, stored, and then failed (e.g. a model whose weights cannot load): the
+                    # error names its chat. That chat is rightly in the history, with its error.
+                    chat_id = response.json()["error"].get("chat_id")
+                    if case["method"] == "POST" and case["path"] == "/api/chat" and isinstance(chat_id, str):
+                        self.accepted.add(chat_id)
             elif case["method"] == "POST" and case["path"] == "/api/chat":
                 self.accepted.add(response.json()["chat_id"])
 
@@ -159,6 +164,7 @@ class Fuzzer:
                 got = ws.recv()
                 if isinstance(got, str) and (TRACEBACK in got or got.startswith("HTTP/")):
                     raise FuzzFailure(f"{got[:200]!r} after the frame {frame[:80]!r}")
+                self._note_started(got)
                 if got == "2":
                     ws.send("3")
                 elif marker in str(got) or got in ("", None):
@@ -166,6 +172,14 @@ class Fuzzer:
         except (websocket.WebSocketException, OSError, TimeoutError):
             self.raw = None  # closed (1002, 1009) or namespace left: the next case opens a new one
             self.cases["websocket_closed"] += 1
+
+    def _note_started(self, got: object) -> None:
+        """A raw frame can be a valid `chat` event: the chat it started is accepted, not refused."""
+        if isinstance(got, str) and got.startswith('42["chat_started"'):
+            try:
+                self.accepted.add(json.loads(got[2:])[1]["chat_id"])
+            except (ValueError, LookupError, TypeError):
+                pass
 
     def _raw(self) -> websocket.WebSocket:
         if self.raw is None:
@@ -197,6 +211,12 @@ class Fuzzer:
             self.accepted |= {d["chat_id"] for _, n, d in self.client.events if n == "chat_started"}
             self.client.close()
         if self.raw is not None:
+            self.raw.settimeout(1.0)
+            try:
+                while True:  # announcements that came after the last case's sync
+                    self._note_started(self.raw.recv())
+            except (websocket.WebSocketException, OSError, TimeoutError):
+                pass
             self.raw.close()
 
     def stored_but_refused(self) -> set[str]:
