@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 5000
 
-.PHONY: run test lint install install-dev browser llama-cpp bench clean
+.PHONY: run test lint install install-dev browser services llama-cpp bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +27,17 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 
 install: $(VENV)/.installed
 
-install-dev: $(VENV)/.installed-dev browser llama-cpp
+install-dev: $(VENV)/.installed-dev browser services llama-cpp
 
 ## Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium; it never downloads one).
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium)
+
+## Debian's PostgreSQL, Redis and nginx for the scale-out tests (the tests start and stop their own instances;
+## the single-process server needs none of them).
+services:
+	@(ls /usr/lib/postgresql/*/bin/initdb && command -v redis-server && command -v nginx) >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql redis-server nginx-light)
 
 ## llama-cpp-python's server extras for the OpenAI-compatible test peer (the package itself is installed by `install`).
 llama-cpp: $(VENV)/.installed-dev
