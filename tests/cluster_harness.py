@@ -19,6 +19,7 @@ import requests
 from tests.helpers import ROOT, ServerProcess, free_port
 
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+PEER = ROOT / "tests" / "peers" / "stream_peer.py"
 
 
 def _need(binary: str) -> str:
@@ -134,16 +135,9 @@ class NginxProxy:
 class StreamPeer:
     """tests/peers/stream_peer.py as its own process (a test may kill it)."""
 
-    def __init__(self, delay: float = 0.0, port: int = 0) -> None:
+    def __init__(self, delay: float = 0.0, port: int = 0, stamp: bool = False) -> None:
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "tests" / "peers" / "stream_peer.py"),
-                "--port",
-                str(port),
-                "--delay",
-                str(delay),
-            ],
+            [sys.executable, str(PEER), "--port", str(port), "--delay", str(delay), *(["--stamp"] if stamp else [])],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -2,6 +2,8 @@
 
 Model `counter` streams `max_tokens` (default 64) pieces "w1 ", "w2 ", … with `--delay` seconds
 between them; it is cheap enough that a benchmark measures the web tier in front of it, not it.
+With `--stamp` each piece carries the wall-clock time it was sent ("w3@1764761234.123456 "), so a
+client on the same machine can tell how long the web tier held it.
 Each request body is logged (GET /_test/log) so a test can see which history a process sent.
 Run as a separate process so a test can kill it: `python tests/peers/stream_peer.py --port P`
 prints "READY <port>".
@@ -53,6 +55,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:  # type: ignore[attr-defined]
             self.server.log.append(body)  # type: ignore[attr-defined]
         count = int(body.get("max_tokens") or body.get("max_completion_tokens") or 64)
+        stamp = self.server.stamp  # type: ignore[attr-defined]
         pieces = [f"w{i} " for i in range(1, count + 1)]
         if not body.get("stream"):
             self._json(200, _completion(body, "".join(pieces), count))
@@ -69,7 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
             for piece in pieces:
                 if delay:
                     time.sleep(delay)
-                self._chunk(body, {"content": piece})
+                self._chunk(body, {"content": f"{piece[:-1]}@{time.time():.6f} " if stamp else piece})
             self._chunk(body, {}, "length")
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = {"prompt_tokens": 5, "completion_tokens": count, "total_tokens": 5 + count}
@@ -109,9 +112,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
 
-    def __init__(self, address: tuple[str, int], delay: float) -> None:
+    def __init__(self, address: tuple[str, int], delay: float, stamp: bool = False) -> None:
         super().__init__(address, _Handler)
         self.delay = delay
+        self.stamp = stamp
         self.lock = threading.Lock()
         self.log: list[dict] = []
 
@@ -120,8 +124,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between pieces")
+    parser.add_argument("--stamp", action="store_true", help="put each piece's send time in it")
     args = parser.parse_args()
-    server = _Server(("127.0.0.1", args.port), args.delay)
+    server = _Server(("127.0.0.1", args.port), args.delay, args.stamp)
     print(f"READY {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()
