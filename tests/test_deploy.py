@@ -346,7 +346,8 @@ def test_dockerfile_pins_and_paths(dockerfile: str):
     assert f'@bp.get("{health.group(2)}")' in (ROOT / "web_ui/api.py").read_text()
     assert f'"{health.group(2)}"' in (ROOT / "web_ui/auth.py").read_text()  # public: no token needed
     # Data and model cache are volumes the non-root user owns, and the settings point at them.
-    assert re.search(r"^USER switchboard$", text, re.MULTILINE)
+    uid = re.search(r"useradd .*--uid (\d+) .* switchboard", text).group(1)
+    assert re.search(rf"^USER {uid}:{uid}$", text, re.MULTILINE) and uid != "0"
     assert 'VOLUME ["/data", "/models"]' in text
     assert "SWITCHBOARD_DATA_DIR=/data" in text and "MODEL_DIR=/models" in text
 
