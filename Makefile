@@ -34,10 +34,12 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium)
 
 ## Debian's PostgreSQL, Redis and nginx for the scale-out tests (the tests start and stop their own instances;
-## the single-process server needs none of them).
+## the single-process server needs none of them), and docker-compose 1.29 (pure Python, no Docker daemon) to
+## validate deploy/compose.yaml.
 services:
-	@(ls /usr/lib/postgresql/*/bin/initdb && command -v redis-server && command -v nginx) >/dev/null 2>&1 || \
-		(apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql redis-server nginx-light)
+	@(ls /usr/lib/postgresql/*/bin/initdb && command -v redis-server && command -v nginx && command -v docker-compose) \
+		>/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+		postgresql redis-server nginx-light docker-compose)
 
 ## llama-cpp-python's server extras for the OpenAI-compatible test peer (the package itself is installed by `install`).
 llama-cpp: $(VENV)/.installed-dev
