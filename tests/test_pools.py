@@ -21,6 +21,7 @@ from core.errors import AuthFailed, BadRequest, ProviderError, StreamInterrupted
 from core.providers.pool import ProviderPool, ollama_provider, openai_provider
 from core.types import ChatOptions, Message, StreamResult
 from tests.helpers import free_port
+from tests.peers.memory_peers import MemoryPeer
 from tests.peers.ollama_server import FakeOllama
 from tests.peers.openai_errors_server import ErrorsServer
 from tests.peers.openai_peer import OpenAIPeer
@@ -216,6 +217,45 @@ def test_api_key_and_url_credentials_never_shown(key_env, caplog):
         assert "hunter2" not in status and KEY not in status and f"127.0.0.1:{port}/v1" in status
     assert KEY not in caplog.text and "hunter2" not in caplog.text
     assert lines(caplog, "pool_member_cooldown")
+
+
+# -- memory control on every member ---------------------------------------------------------------
+def memory_pool(peers: list[MemoryPeer], kind: str) -> ProviderPool:
+    urls = [peer.base_url for peer in peers]
+    conn = ConnectionConfig("farm", "Farm", urls[0], models=peers[0].models, base_urls=urls, memory=kind)
+    provider = openai_provider(conn, Settings())
+    assert isinstance(provider, ProviderPool) and provider.holds_memory
+    return provider
+
+
+def paths(peer: MemoryPeer, method: str = "POST") -> list[str]:
+    return [r["path"] for r in peer.requests() if r["method"] == method]
+
+
+def test_router_release_goes_to_each_member_that_holds_the_model():
+    with MemoryPeer("llama.cpp-router") as a, MemoryPeer("llama.cpp-router") as b:
+        p = memory_pool([a, b], "llama.cpp-router")
+        assert run(p, "peer-a") and run(p, "peer-a")  # one request each: both hold peer-a
+        assert run(p, "peer-b")
+        loaded = {m["name"]: m["members"] for m in p.loaded_models()}
+        assert loaded["peer-a"] == [a.base_url, b.base_url] and len(loaded["peer-b"]) == 1
+        holder_b = a if "peer-b" in a.loaded() else b
+        p.unload("peer-b")
+        assert "/models/unload" in paths(holder_b) and "/models/unload" not in paths(b if holder_b is a else a)
+        p.unload(None)
+        assert p.wait_unloaded(["peer-a", "peer-b"], timeout=5)
+        assert a.loaded() == b.loaded() == set() and p.loaded_models() == []
+
+
+def test_vllm_members_sleep_and_wake_together():
+    with MemoryPeer("vllm") as a, MemoryPeer("vllm") as b:
+        p = memory_pool([a, b], "vllm")
+        info = model(p, "vllm-model")
+        p.unload(info)
+        assert "/sleep?level=1" in paths(a) and "/sleep?level=1" in paths(b)
+        assert p.sleeping(info) and p.wake(info) and not p.sleeping(info)
+        assert "/wake_up" in paths(a) and "/wake_up" in paths(b)
+        assert run(p, "vllm-model")
 
 
 # -- Ollama hosts ----------------------------------------------------------------------------------
