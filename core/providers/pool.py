@@ -196,7 +196,8 @@ class ProviderPool(Provider):
                 try:
                     first = next(stream)
                 except StopIteration:  # nothing to say (stopped before it began): that is the answer
-                    self._served(member)
+                    if not cancel.is_set():
+                        self._served(member)
                     return
                 except SwitchboardError as exc:
                     what = verdict(exc)
