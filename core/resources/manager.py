@@ -67,6 +67,7 @@ class ResourceManager:
         profiles: MemoryProfiles | None = None,
         max_wait_s: float = 30.0,
         demand: Callable[[str], int] | None = None,
+        pools: list[Any] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown resource policy {policy!r}; use one of {', '.join(POLICIES)}")
@@ -88,6 +89,8 @@ class ResourceManager:
         #: Requests waiting in the admission queue for a model id (the job runner's count).
         self.demand = demand or (lambda model_id: 0)
         self.swap = SwapQueue(self, max_wait_s)
+        #: Connections served by several servers (core.providers.pool): their members' health.
+        self.pools = {p.key: p for p in pools or []}
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def track(self, engine: Engine, role: str) -> Slot:
@@ -475,4 +478,5 @@ class ResourceManager:
             "loads": list(self.arbiter.loads),
             "plan": self.arbiter.last_plan,
             "max_wait_s": self.swap.max_wait_s,
+            "pools": {key: pool.pool_status() for key, pool in self.pools.items()},
         }
