@@ -43,6 +43,16 @@ class ConnectionConfig:
     memory: str | None = None
     #: vLLM sleep level: 1 keeps the weights in host RAM (fast wake), 2 drops them.
     sleep_level: int = 1
+    #: Every server of the connection (`base_urls`; `base_url` alone is a pool of one): more than
+    #: one makes a pool (core.providers.pool) that routes each request to the least busy of them.
+    base_urls: list[str] = field(default_factory=list)
+    #: Seconds a failing pool member rests before it gets requests again (None: settings.pool_cooldown_s).
+    pool_cooldown_s: float | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        """The servers of this connection, in the configured order (at least `base_url`)."""
+        return self.base_urls or [self.base_url]
 
 
 @dataclass
@@ -154,6 +164,21 @@ class Settings:
         0, "local.threads", "SWITCHBOARD_THREADS", "CPU threads of the llama.cpp runtime (0: one per core)."
     )
     ollama_host: str = _setting("http://127.0.0.1:11434", "ollama.host", "OLLAMA_HOST", "Ollama's address.")
+    ollama_hosts: list = _setting(
+        [],
+        "ollama.hosts",
+        "SWITCHBOARD_OLLAMA_HOSTS",
+        "Several Ollama servers with the same models, as one pool (comma-separated in env); when set, "
+        "ollama.host is not used. See docs/pools.md.",
+    )
+    pool_cooldown_s: float = _setting(
+        30.0,
+        "pools.cooldown_s",
+        "SWITCHBOARD_POOL_COOLDOWN_S",
+        "Seconds a pool member that failed before its first token (refused, 5xx, timeout) gets no "
+        "requests; then a real request decides whether it is back. A connection may set its own "
+        "pool_cooldown_s.",
+    )
     ollama_enabled: bool = _setting(True, "ollama.enabled", "SWITCHBOARD_OLLAMA", "Offer Ollama's models.")
     ollama_keep_alive: str = _setting(
         "5m",
@@ -395,6 +420,24 @@ def _toml_lookup(data: dict, dotted: str) -> Any:
     return node
 
 
+def _base_urls(key: str, table: Any) -> list[str]:
+    """The servers of one [model_names.<key>] table: base_url first, then base_urls, without repeats."""
+    if not isinstance(table, dict):
+        raise BadRequest(f"[model_names.{key}] needs a base_url string or a base_urls list")
+    single, many = table.get("base_url"), table.get("base_urls")
+    if single is not None and not isinstance(single, str):
+        raise BadRequest(f"[model_names.{key}] base_url must be a string")
+    if many is not None and (not isinstance(many, list) or not all(isinstance(u, str) and u for u in many)):
+        raise BadRequest(f"[model_names.{key}] base_urls must be a list of URL strings")
+    urls: list[str] = []
+    for url in ([single] if single else []) + list(many or []):
+        if url.rstrip("/") not in urls:
+            urls.append(url.rstrip("/"))
+    if not urls:
+        raise BadRequest(f"[model_names.{key}] needs a base_url string or a base_urls list")
+    return urls
+
+
 def parse_connections(raw: Any) -> list[ConnectionConfig]:
     """Read `[model_names.*]` tables; each needs base_url; env defaults to NO_API_KEY."""
     if raw is None:
@@ -408,8 +451,7 @@ def parse_connections(raw: Any) -> list[ConnectionConfig]:
                 f"[model_names.{key}]: a connection key must be letters, digits, '-' or '_' "
                 f"and not one of {', '.join(RESERVED_CONNECTION_KEYS)}"
             )
-        if not isinstance(table, dict) or not isinstance(table.get("base_url"), str):
-            raise BadRequest(f"[model_names.{key}] needs a base_url string")
+        base_urls = _base_urls(key, table)
         models = table.get("models") or []
         if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
             raise BadRequest(f"[model_names.{key}] models must be a list of strings")
@@ -419,17 +461,23 @@ def parse_connections(raw: Any) -> list[ConnectionConfig]:
         sleep_level = table.get("sleep_level", 1)
         if sleep_level not in (1, 2) or isinstance(sleep_level, bool):
             raise BadRequest(f"[model_names.{key}] sleep_level must be 1 or 2")
+        cooldown = table.get("pool_cooldown_s")
+        numeric = isinstance(cooldown, (int, float)) and not isinstance(cooldown, bool)
+        if cooldown is not None and (not numeric or cooldown < 0):
+            raise BadRequest(f"[model_names.{key}] pool_cooldown_s must be a number of seconds (0 or more)")
         out.append(
             ConnectionConfig(
                 key=str(key),
                 name=str(table.get("name") or key),
-                base_url=table["base_url"].rstrip("/"),
+                base_url=base_urls[0],
                 env=str(table.get("env") or "NO_API_KEY"),
                 url=table.get("url"),
                 default=table.get("default"),
                 models=list(models),
                 memory=memory,
                 sleep_level=sleep_level,
+                base_urls=base_urls if len(base_urls) > 1 else [],
+                pool_cooldown_s=None if cooldown is None else float(cooldown),
             )
         )
     return out
@@ -478,4 +526,7 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
         raise BadRequest("setting redis_channel: 1-64 letters, digits, '_', '.' or '-'")
     if settings.ollama_host and "://" not in settings.ollama_host:
         settings.ollama_host = "http://" + settings.ollama_host
+    settings.ollama_hosts = [h if "://" in h else "http://" + h for h in settings.ollama_hosts]
+    if settings.pool_cooldown_s < 0:
+        raise BadRequest(f"setting pool_cooldown_s: {settings.pool_cooldown_s!r} is negative")
     return settings

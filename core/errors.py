@@ -17,6 +17,9 @@ class SwitchboardError(Exception):
 
     code = "internal_error"
     http_status = 500
+    #: The HTTP status another server answered with, when the error is its answer (not on the wire:
+    #: a pool uses it to tell a server's failure, 5xx, from a refused request, 4xx).
+    upstream_status: int | None = None
 
     def __init__(
         self, message: str, *, retry_after: float | None = None, param: str | None = None, **fields: Any

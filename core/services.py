@@ -69,14 +69,11 @@ class Services:
 def external_providers(settings: Settings) -> list[Provider]:
     """Ollama and each configured OpenAI-compatible connection."""
     providers: list[Provider] = []
+    from core.providers.pool import ollama_provider, openai_provider  # a pool where several servers are named
+
     if settings.ollama_enabled:
-        from core.providers.ollama import OllamaProvider
-
-        providers.append(OllamaProvider(settings))
-    if settings.connections:
-        from core.providers.openai_compat import OpenAICompatProvider
-
-        providers.extend(OpenAICompatProvider(conn, settings) for conn in settings.connections)
+        providers.append(ollama_provider(settings))
+    providers.extend(openai_provider(conn, settings) for conn in settings.connections)
     return providers
 
 
@@ -92,6 +89,7 @@ def build_resource_manager(settings: Settings, runtimes: list[Provider]) -> Reso
         parse_bytes(settings.resource_budget),
         {k: v for k, v in ttl.items() if v > 0},
         runtimes=[p for p in runtimes if p.holds_memory],
+        pools=[p for p in runtimes if hasattr(p, "pool_status")],
         release_wait_s=settings.ollama_unload_wait,
         profiles=MemoryProfiles(settings.data_path / "memory_profiles.json"),
         max_wait_s=settings.swap_max_wait_s,

@@ -180,7 +180,9 @@ class OllamaProvider(Provider):
                 f"Ollama at {self.host} is busy (429): {text}",
                 retry_after=_retry_after(resp.headers.get("Retry-After")),
             )
-        raise ProviderError(f"Ollama error {status}: {text}")
+        error = ProviderError(f"Ollama error {status}: {text}")
+        error.upstream_status = status
+        raise error
 
     # -- discovery ----------------------------------------------------------------------------
     def list_models(self, refresh: bool = False) -> ProviderGroup:

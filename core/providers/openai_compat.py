@@ -511,7 +511,7 @@ class OpenAICompatProvider(Provider):
         else:
             error = ProviderError(f"{name} failed: {type(exc).__name__}: {exc}")
         error.message = self._scrub(error.message, key)
-        error.args = (error.message,)
+        error.args, error.upstream_status = (error.message,), getattr(exc, "status_code", None)
         return error
 
     # -- memory (only with `memory = "<kind>"` in the connection's config) -------------------------

@@ -68,6 +68,7 @@ class ResourceManager:
         profiles: MemoryProfiles | None = None,
         max_wait_s: float = 30.0,
         demand: Callable[[str], int] | None = None,
+        pools: list[Any] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown resource policy {policy!r}; use one of {', '.join(POLICIES)}")
@@ -91,6 +92,8 @@ class ResourceManager:
         self.swap = SwapQueue(self, max_wait_s)
         #: Set when several processes share the machine (redis_url): core.resources.peers.
         self.peers: PeerCoordination | None = None
+        #: Connections served by several servers (core.providers.pool): their members' health.
+        self.pools = {p.key: p for p in pools or []}
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def track(self, engine: Engine, role: str) -> Slot:
@@ -480,4 +483,5 @@ class ResourceManager:
             "plan": self.arbiter.last_plan,
             "max_wait_s": self.swap.max_wait_s,
             "cluster": self.peers.status() if self.peers is not None else None,
+            "pools": {key: pool.pool_status() for key, pool in self.pools.items()},
         }
