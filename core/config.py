@@ -254,6 +254,25 @@ class Settings:
         "SWITCHBOARD_OLLAMA_UNLOAD_WAIT",
         "Seconds to wait for Ollama to drop its models before loading a local one.",
     )
+    redis_url: str = _setting(
+        "",
+        "server.redis_url",
+        "SWITCHBOARD_REDIS_URL",
+        "redis://host:6379/0 to run several Switchboard processes as one: Socket.IO events reach every "
+        "process's clients and model switches are coordinated across processes (docs/deployment.md).",
+    )
+    redis_channel: str = _setting(
+        "switchboard",
+        "server.redis_channel",
+        "SWITCHBOARD_REDIS_CHANNEL",
+        "Name shared by the processes of one deployment on a Redis (two deployments: two names).",
+    )
+    cluster_release_wait_s: float = _setting(
+        120.0,
+        "resources.cluster_release_wait_s",
+        "SWITCHBOARD_CLUSTER_RELEASE_WAIT_S",
+        "With redis_url: how long a switch waits for other processes to release their models (busy after).",
+    )
     hf_endpoints: list = _setting(
         ["https://huggingface.co", "https://hf-mirror.com"],
         "models.endpoints",
@@ -501,6 +520,10 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
         raise BadRequest(f"setting bundled_runtime: {settings.bundled_runtime!r} is not llama.cpp or transformers")
     if settings.resource_policy not in ("exclusive", "budget", "keep"):
         raise BadRequest(f"setting resource_policy: {settings.resource_policy!r} is not exclusive, budget or keep")
+    if settings.redis_url and not re.match(r"^(redis|rediss|unix)://", settings.redis_url):
+        raise BadRequest("setting redis_url: use redis://host:port/db, rediss://… or unix://…")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", settings.redis_channel):
+        raise BadRequest("setting redis_channel: 1-64 letters, digits, '_', '.' or '-'")
     if settings.ollama_host and "://" not in settings.ollama_host:
         settings.ollama_host = "http://" + settings.ollama_host
     settings.ollama_hosts = [h if "://" in h else "http://" + h for h in settings.ollama_hosts]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from core.admission import Admission
 from core.chat import ChatService
+from core.cluster import Cluster
 from core.concurrency import start_os_thread
 from core.config import Settings, parse_bytes
 from core.embeddings import EmbeddingService
@@ -52,11 +53,14 @@ class Services:
     translation: TranslationService | None = None
     embeddings: EmbeddingService | None = None
     metrics: Metrics | None = None
+    cluster: Cluster | None = None
 
     def models_payload(self, refresh: bool = False) -> dict:
         return self.registry.public_listing(refresh=refresh, default=self.settings.default_model)
 
     def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
         self.store.close()
         if self.knowledge is not None:
             self.knowledge.close()
@@ -104,6 +108,16 @@ def build_resource_manager(settings: Settings, runtimes: list[Provider]) -> Reso
     return manager
 
 
+def join_cluster(settings: Settings, resources: ResourceManager) -> Cluster:
+    """Several processes on one Redis: coordinate model switches with the others (core.cluster)."""
+    from core.resources.peers import PeerCoordination
+
+    cluster = Cluster(settings.redis_url, settings.redis_channel, settings.cluster_release_wait_s)
+    resources.peers = PeerCoordination(resources, cluster)
+    cluster.start()
+    return cluster
+
+
 def build_services(
     settings: Settings, start_background: bool = True, on_models_changed: Callable[[], None] | None = None
 ) -> Services:
@@ -133,6 +147,7 @@ def build_services(
     if interrupted:
         log.warning("event=history_repair messages_marked_incomplete=%d", interrupted)
     resources = build_resource_manager(settings, externals)
+    cluster = join_cluster(settings, resources) if settings.redis_url else None
     # One runner for chat and translation: they take turns on a local model.
     runner = JobRunner(Admission(queue_max=settings.queue_max))
     resources.demand = runner.admission.waiting  # the swap-aware queue counts requests waiting per model
@@ -161,6 +176,7 @@ def build_services(
         translation,
         embeddings,
         metrics=Metrics(),
+        cluster=cluster,
     )
     services.metrics.add_live(lambda: live_gauges(services))
     runner.observers.append(services.metrics.job_ended)

@@ -73,6 +73,9 @@ def create_app(
         max_http_buffer_size=message_cap,
         serializer=socket_guard.packet_class(message_cap),
         cors_allowed_origins=lambda origin, environ: origins.origin_allowed(origin, environ.get("HTTP_HOST")),
+        # Several processes: an event emitted by any of them reaches the clients of all (Redis pub/sub).
+        message_queue=settings.redis_url or None,
+        channel=f"{settings.redis_channel}-socketio",
     )
 
     for blueprint in (

@@ -37,10 +37,12 @@ class SocketSink:
         self.client = sid  # the job runner cancels a job whose clients all left (core.jobs.Audience)
 
     def emit(self, event: str, payload: dict) -> None:
-        socketio.emit(event, payload, to=self.sid)
+        # The client that asked is connected to this process: straight to it, never through the
+        # message queue (every process would decode every token of every stream).
+        socketio.emit(event, payload, to=self.sid, ignore_queue=True)
 
     def fail(self, error: SwitchboardError, about: dict) -> None:
-        socketio.emit("error", Failure(error, about).socket_payload(), to=self.sid)
+        socketio.emit("error", Failure(error, about).socket_payload(), to=self.sid, ignore_queue=True)
 
 
 class QueueSink:

@@ -27,6 +27,7 @@ from core.providers.base import resolve_engine
 from core.resources import memory
 from core.resources.arbiter import Arbiter, Notify, measured_bytes
 from core.resources.estimate import MemoryProfiles
+from core.resources.peers import PeerCoordination, peer_turn
 from core.resources.policy import POLICIES, plan_evictions
 from core.resources.runtimes import OtherRuntimes
 from core.resources.swap import SwapQueue
@@ -89,6 +90,8 @@ class ResourceManager:
         #: Requests waiting in the admission queue for a model id (the job runner's count).
         self.demand = demand or (lambda model_id: 0)
         self.swap = SwapQueue(self, max_wait_s)
+        #: Set when several processes share the machine (redis_url): core.resources.peers.
+        self.peers: PeerCoordination | None = None
         #: Connections served by several servers (core.providers.pool): their members' health.
         self.pools = {p.key: p for p in pools or []}
 
@@ -350,11 +353,12 @@ class ResourceManager:
         previous = self.last_switch["to"] if self.last_switch else None
         if previous == target and (slot is None or slot.engine.is_loaded()):
             return
-        before, started = memory.snapshot(), time.monotonic()
-        freed = self._make_room(slot, kind, reason, notify, keep)
-        if slot is not None:
-            self._load(slot, reason, notify)
-        after = memory.snapshot()
+        with peer_turn(self.peers, target, slot):
+            before, started = memory.snapshot(), time.monotonic()
+            freed = self._make_room(slot, kind, reason, notify, keep)
+            if slot is not None:
+                self._load(slot, reason, notify)
+            after = memory.snapshot()
         self.current_kind = kind
         self.last_switch = {
             "from": previous,
@@ -478,5 +482,6 @@ class ResourceManager:
             "loads": list(self.arbiter.loads),
             "plan": self.arbiter.last_plan,
             "max_wait_s": self.swap.max_wait_s,
+            "cluster": self.peers.status() if self.peers is not None else None,
             "pools": {key: pool.pool_status() for key, pool in self.pools.items()},
         }

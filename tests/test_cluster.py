@@ -1,0 +1,147 @@
+"""Several Switchboard processes as one (issue: scale-out): Redis carries Socket.IO events between
+them and coordinates model switches. Everything is real: Debian's redis-server, the processes are
+`python run.py`, the local models are tiny random Llamas pulled from a loopback hub.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.cluster_harness import RedisServer, start_group
+from tests.helpers import EventClient
+from tests.peers.hub_fixtures import make_tiny_model
+from tests.peers.hub_server import HubServer
+from tests.test_resource_policies import A, B, tiny_models  # noqa: F401 - a fixture used below
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def group_env(redis_server: RedisServer) -> dict[str, str]:
+    """Each test its own Redis database: no resident keys or locks left from another test."""
+    redis_server.client.flushall()
+    return {"SWITCHBOARD_REDIS_URL": redis_server.url}
+
+
+def _status(proc) -> dict:
+    return proc.get("/api/resources").json()
+
+
+def _resident(proc) -> list[str]:
+    return [e["model"] for e in _status(proc)["engines"] if e["state"] == "loaded" and "chat" in e["roles"]]
+
+
+def test_two_processes_switching_at_once_end_with_one_resident_model(tiny_models, tmp_path, group_env):  # noqa: F811
+    """Two processes asked at once to load two different local models under `exclusive`: one model
+    stays resident in the whole group, and the logs say who waited for whom."""
+    procs = start_group(tmp_path, tiny_models, 2, {**group_env, "SWITCHBOARD_RESOURCE_POLICY": "exclusive"})
+    try:
+        instance = {p.port: _status(p)["cluster"]["instance"] for p in procs}
+        results: dict[int, requests.Response] = {}
+
+        def ask(proc, model: str) -> None:
+            body = {"model": model, "content": "hello there", "options": {"max_new_tokens": 24}}
+            results[proc.port] = requests.post(proc.url + "/api/chat", json=body, timeout=120)
+
+        threads = [threading.Thread(target=ask, args=pair) for pair in ((procs[0], A), (procs[1], B))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(150)
+        assert all(r.status_code == 200 for r in results.values()), {k: r.text for k, r in results.items()}
+
+        resident = {p.port: _resident(p) for p in procs}
+        assert sum(len(v) for v in resident.values()) == 1, resident
+        winner = next(p for p in procs if resident[p.port])
+        loser = next(p for p in procs if p is not winner)
+        # The winner switched last: it asked the loser to release, and the loser did, for it.
+        assert re.search(
+            rf"event=cluster_release_asked instance={instance[winner.port]} to={instance[loser.port]}", winner.log()
+        )
+        assert re.search(
+            rf"event=cluster_released instance={instance[loser.port]} by={instance[winner.port]} unloaded=\S*tiny",
+            loser.log(),
+        )
+        # Whoever waited for the switch lock names the other as its holder; nobody waited for itself.
+        for proc, other in ((winner, loser), (loser, winner)):
+            for held_by in re.findall(r"event=cluster_lock_waited instance=\w+ target=\S+ held_by=(\w+)", proc.log()):
+                assert held_by == instance[other.port]
+        members = {m["instance"] for m in _status(winner)["cluster"]["members"]}
+        assert members == set(instance.values())
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def test_a_crashed_holder_does_not_block_the_group(tiny_models, tmp_path, group_env):  # noqa: F811
+    """A process killed with its model loaded: its resident record expires, so the other loads at once
+    after that instead of waiting for a release nobody will answer."""
+    from tests.cluster_harness import kill_hard
+
+    procs = start_group(tmp_path, tiny_models, 2, {**group_env, "SWITCHBOARD_RESOURCE_POLICY": "exclusive"})
+    try:
+        body = {"model": A, "content": "hi", "options": {"max_new_tokens": 4}}
+        assert requests.post(procs[0].url + "/api/chat", json=body, timeout=120).status_code == 200
+        kill_hard(procs[0])
+        body = {"model": B, "content": "hi", "options": {"max_new_tokens": 4}}
+        answer = requests.post(procs[1].url + "/api/chat", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert _resident(procs[1]) == [B.removeprefix("local:")] or len(_resident(procs[1])) == 1
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def test_a_download_on_one_process_updates_the_model_list_of_clients_on_another(tmp_path, group_env):
+    """The `models` event that a finished download sends reaches a page connected to the other process."""
+    hub_root = tmp_path / "hub"
+    make_tiny_model(hub_root / "test-org" / "fresh")
+    (hub_root / "test-org" / "fresh" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    shutil.rmtree(hub_root / "test-org" / "fresh" / ".cache", ignore_errors=True)
+    hub = HubServer(hub_root).start()
+    models = tmp_path / "models"
+    models.mkdir()
+    procs = start_group(tmp_path, models, 2, {**group_env, "SWITCHBOARD_HF_ENDPOINTS": hub.url})
+    client = EventClient(procs[0].url)
+    try:
+        client.emit("list_models")
+        _, _, _, before = client.wait_event("models", timeout=30)
+        assert "local:test-org/fresh" not in _ids(before)
+        start = len(client.events)
+        started = requests.post(procs[1].url + "/api/models/download", json={"model": "test-org/fresh"}, timeout=10)
+        assert started.status_code == 202, started.text
+        _, _, _, payload = client.wait_for(
+            lambda n, d: n == "models" and "local:test-org/fresh" in _ids(d), timeout=90, start=start
+        )
+        fresh = next(m for g in payload["groups"] for m in g["models"] if m["id"] == "local:test-org/fresh")
+        assert fresh["available"], fresh
+    finally:
+        client.close()
+        for proc in procs:
+            proc.stop()
+        hub.stop()
+
+
+def _ids(listing: dict) -> set[str]:
+    return {m["id"] for g in listing.get("groups", []) for m in g.get("models", [])}
+
+
+def test_redis_setting_is_validated(tmp_path: Path):
+    from core.config import load_settings
+    from core.errors import BadRequest
+
+    with pytest.raises(BadRequest, match="redis_url"):
+        load_settings({"data_dir": str(tmp_path)}, environ={"SWITCHBOARD_REDIS_URL": "http://x"})
