@@ -30,6 +30,7 @@ from core.resources.estimate import MemoryProfiles
 from core.resources.peers import PeerCoordination, peer_turn
 from core.resources.policy import POLICIES, plan_evictions
 from core.resources.runtimes import OtherRuntimes
+from core.resources.status import resource_status
 from core.resources.swap import SwapQueue
 from core.types import ModelId, ModelInfo
 
@@ -444,44 +445,9 @@ class ResourceManager:
 
     # -- visibility ------------------------------------------------------------------------------
     def status(self, include_runtimes: bool = True) -> dict[str, Any]:
-        """Everything /api/resources and the `resource_status` event report.
+        """Everything /api/resources and the `resource_status` event report (core.resources.status).
 
         Call it from the app's side (a green thread), never through run_blocking: `_cond` is the
         app's own kind of lock; the other runtimes' queries go to OS threads by themselves.
         """
-        runtimes = self.runtimes.status(include_runtimes)
-        with self._cond:
-            slots = list(self.slots.values())
-            engines = [
-                {
-                    "key": s.key,
-                    "roles": sorted(s.roles),
-                    "model": getattr(s.engine, "model_id", None),
-                    "state": "unloading" if s.unload_pending and s.engine.is_loaded() else s.engine.state,
-                    "device": getattr(s.engine, "device", None),
-                    "runtime": getattr(s.engine, "runtime", None),
-                    "bytes": s.engine.memory_bytes(),
-                    "last_used": s.last_used,
-                    "leases": s.leases,
-                    "waiting_for_leases": s.unload_pending and s.leases > 0,
-                }
-                for s in slots
-            ]
-        return {
-            "policy": self.policy,
-            "budget_bytes": self.budget_bytes,
-            "ttl_s": self.ttl_s,
-            "engines": engines,
-            "current": self.last_switch["to"] if self.last_switch else None,
-            "last_switch": self.last_switch,
-            # Other runtimes by provider key; "ollama" is always present (the page shows it).
-            "runtimes": runtimes,
-            "ollama": runtimes.get("ollama", {"loaded": [], "leases": {}}),
-            "devices": memory.device_totals(),
-            # Predicted vs measured memory of recent loads, and the last plan asked for or carried out.
-            "loads": list(self.arbiter.loads),
-            "plan": self.arbiter.last_plan,
-            "max_wait_s": self.swap.max_wait_s,
-            "cluster": self.peers.status() if self.peers is not None else None,
-            "pools": {key: pool.pool_status() for key, pool in self.pools.items()},
-        }
+        return resource_status(self, include_runtimes)
