@@ -57,6 +57,20 @@ class Settings:
         "SWITCHBOARD_DATA_DIR",
         "Where chats (SQLite), documents and the default model cache live.",
     )
+    database_url: str = _setting(
+        "",
+        "server.database_url",
+        "SWITCHBOARD_DATABASE_URL",
+        "postgresql://user:pass@host:port/db: chats, knowledge and learned memory profiles live in this "
+        "PostgreSQL database, shared by every process that names it. Empty: SQLite files in the data dir.",
+    )
+    instance_stale_s: float = _setting(
+        30.0,
+        "server.instance_stale_s",
+        "SWITCHBOARD_INSTANCE_STALE_S",
+        "With database_url: seconds without a heartbeat after which another process is taken for dead "
+        "and the answers it was streaming are stored as incomplete.",
+    )
     model_dir: str = _setting(
         "", "models.model_dir", "MODEL_DIR", "Model cache root (MODEL_DIR/<org>/<name>); default <data-dir>/models."
     )
@@ -453,6 +467,8 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
         raise BadRequest(f"setting bundled_runtime: {settings.bundled_runtime!r} is not llama.cpp or transformers")
     if settings.resource_policy not in ("exclusive", "budget", "keep"):
         raise BadRequest(f"setting resource_policy: {settings.resource_policy!r} is not exclusive, budget or keep")
+    if settings.database_url and not settings.database_url.startswith(("postgresql://", "postgres://")):
+        raise BadRequest("setting database_url: use postgresql://user:pass@host:port/db")
     if settings.ollama_host and "://" not in settings.ollama_host:
         settings.ollama_host = "http://" + settings.ollama_host
     return settings
