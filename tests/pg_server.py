@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,31 +45,31 @@ def _as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
-def _let_postgres_through(path: Path) -> None:
-    """Give others search (x) permission on `path` and its parents (pytest makes its temp dirs 0700),
-    so the `postgres` user can reach its cluster directory; nothing becomes readable."""
-    for directory in [path, *path.parents]:
-        mode = directory.stat().st_mode
-        if not mode & 0o001:
-            os.chmod(directory, mode | 0o001)
-
-
 def start_postgres(tmp_dir: Path, timeout: float = 30.0) -> tuple[str, Callable[[], None]]:
-    """Start a PostgreSQL server with a fresh cluster under `tmp_dir`; returns (url of database
+    """Start a PostgreSQL server with a fresh cluster (under `tmp_dir`, or a /tmp dir of its own when we
+    are root); returns (url of database
     `postgres` as user `switchboard`, trust auth, no password) and a function that stops it."""
     bin_dir = pg_bin_dir()
-    root = Path(tmp_dir) / f"pg-{uuid.uuid4().hex[:8]}"
+    if os.geteuid() == 0:
+        # pytest keeps its temp dirs private to root (and resets that at each session start), so the
+        # `postgres` user could not reach a cluster there: as root it goes into a /tmp dir of its own.
+        root = Path(tempfile.mkdtemp(prefix="switchboard-pg-"))
+        os.chmod(root, 0o755)
+    else:
+        root = Path(tmp_dir) / f"pg-{uuid.uuid4().hex[:8]}"
     data, sockets = root / "data", root / "sock"
     sockets.mkdir(parents=True)
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(sockets, "postgres")
-        _let_postgres_through(root.parent)
-    subprocess.run(
+    done = subprocess.run(
         _as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", USER, "-E", "UTF8"]),
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if done.returncode:
+        shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(f"initdb failed: {done.stderr.strip()[-500:]}")
     port = _free_port()
     log = open(root / "postgres.log", "ab")
     proc = subprocess.Popen(
