@@ -20,7 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from core.db import Database, KeyValueStore, Migration, Tx, migrate, open_database, run_script
+from core.db import Database, KeyValueStore, Tx, open_database
+from core.migrations import Migration, migrate, run_script
 
 log = logging.getLogger(__name__)
 

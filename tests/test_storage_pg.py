@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import requests
 
-from core.db import KeyValueStore, PostgresDatabase, migrate, open_database, qmark_to_named
+from core.db import KeyValueStore, PostgresDatabase, open_database, qmark_to_named
+from core.migrations import migrate
 from core.resources.estimate import Estimate, MemoryProfiles
 from core.storage import ADDED_COLUMNS, MIGRATIONS, SCHEMA, ChatStore
 

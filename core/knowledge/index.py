@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from core.concurrency import os_lock
-from core.db import Database, Migration, SqliteDatabase, Tx, migrate, open_database, run_script
+from core.db import Database, SqliteDatabase, Tx, open_database
+from core.migrations import Migration, migrate, run_script
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
