@@ -445,3 +445,41 @@ def test_green_callers_and_os_threads_share_the_pool_under_eventlet(postgres_url
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["seqs_ok"], result
     assert result["max_gap_ms"] < 1000, result
+
+
+@pytest.mark.slow
+def test_a_sibling_spares_a_live_stream_and_repairs_it_once_its_server_is_killed(postgres_url, make_server, tmp_path):
+    """Two servers on one database: B starting while A streams leaves A's answer alone; after A is
+    killed (kill -9), B's sweep finds A's process gone and stores the answer as incomplete."""
+    import signal
+
+    from tests.helpers import BUNDLED_ID, EventClient
+
+    env = {"SWITCHBOARD_DATABASE_URL": postgres_url}
+    a = make_server(tmp_path / "a", env=env)
+    client = EventClient(a.url)
+    try:
+        client.emit(
+            "chat",
+            {
+                "model": BUNDLED_ID,
+                "content": "Write a very long story.",
+                "options": {"temperature": 0, "max_new_tokens": 2000},
+            },
+        )
+        chat_id = client.wait_event("chat_started", timeout=60)[3]["chat_id"]
+        client.wait_event("delta", timeout=60)
+        b = make_server(tmp_path / "b", env=env)
+        answer = lambda: requests.get(f"{b.url}/api/chats/{chat_id}", timeout=10).json()["messages"][-1]  # noqa: E731
+        assert answer()["status"] == "streaming"
+        time.sleep(5.5)  # at least one sweep of B's, with A alive
+        assert answer()["status"] == "streaming"
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(10)
+    finally:
+        client.close()
+    deadline = time.monotonic() + 20
+    while answer()["status"] == "streaming" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert answer()["status"] == "incomplete"
+    assert "event=history_repair" in b.log_path.read_text()
