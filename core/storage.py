@@ -289,11 +289,13 @@ class ChatStore:
         its heartbeat is older than `stale_after_s`; the rows of gone instances are forgotten.
         """
         if stale_after_s is None:
-            return self.db.execute(
-                "UPDATE messages SET status='incomplete' WHERE status='streaming' "
-                "AND (instance_id IS NULL OR instance_id <> ?)",
-                (self.instance_id,),
-            )
+            with self.db.transaction() as tx:
+                tx.execute("DELETE FROM instances WHERE id<>?", (self.instance_id,))  # crashed runs' rows
+                return tx.execute(
+                    "UPDATE messages SET status='incomplete' WHERE status='streaming' "
+                    "AND (instance_id IS NULL OR instance_id <> ?)",
+                    (self.instance_id,),
+                )
         siblings = self.db.query("SELECT id, pid FROM instances WHERE host=? AND id<>?", (self.host, self.instance_id))
         dead = [r["id"] for r in siblings if not _pid_alive(int(r["pid"]))]
         cutoff = time.time() - stale_after_s
