@@ -108,7 +108,12 @@ def start_postgres(tmp_dir: Path, timeout: float = 30.0) -> tuple[str, Callable[
                 proc.kill()
                 raise RuntimeError(f"PostgreSQL did not start; see {root / 'postgres.log'}") from None
             time.sleep(0.1)
-    _wait_ready(url, deadline)
+    try:
+        _wait_ready(url, deadline)
+    except BaseException:
+        proc.kill()  # never leave a server behind when the start fails
+        proc.wait()
+        raise
 
     def stop() -> None:
         if proc.poll() is None:
