@@ -111,8 +111,11 @@ def start_postgres(tmp_dir: Path, timeout: float = 30.0) -> tuple[str, Callable[
     try:
         _wait_ready(url, deadline)
     except BaseException:
-        proc.kill()  # never leave a server behind when the start fails
-        proc.wait()
+        proc.terminate()  # never leave a server behind; runuser passes SIGTERM on (SIGKILL it would not)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         raise
 
     def stop() -> None:
