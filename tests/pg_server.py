@@ -105,7 +105,7 @@ def start_postgres(tmp_dir: Path, timeout: float = 30.0) -> tuple[str, Callable[
                 break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
+                proc.terminate()  # passed on by runuser
                 raise RuntimeError(f"PostgreSQL did not start; see {root / 'postgres.log'}") from None
             time.sleep(0.1)
     try:
