@@ -67,6 +67,20 @@ class Settings:
         "SWITCHBOARD_DATA_DIR",
         "Where chats (SQLite), documents and the default model cache live.",
     )
+    database_url: str = _setting(
+        "",
+        "server.database_url",
+        "SWITCHBOARD_DATABASE_URL",
+        "postgresql://user:pass@host:port/db: chats, knowledge and learned memory profiles live in this "
+        "PostgreSQL database, shared by every process that names it. Empty: SQLite files in the data dir.",
+    )
+    instance_stale_s: float = _setting(
+        30.0,
+        "server.instance_stale_s",
+        "SWITCHBOARD_INSTANCE_STALE_S",
+        "With database_url: seconds without a heartbeat after which another process is taken for dead "
+        "and the answers it was streaming are stored as incomplete.",
+    )
     model_dir: str = _setting(
         "", "models.model_dir", "MODEL_DIR", "Model cache root (MODEL_DIR/<org>/<name>); default <data-dir>/models."
     )
@@ -524,6 +538,8 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
         raise BadRequest("setting redis_url: use redis://host:port/db, rediss://… or unix://…")
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", settings.redis_channel):
         raise BadRequest("setting redis_channel: 1-64 letters, digits, '_', '.' or '-'")
+    if settings.database_url and not settings.database_url.startswith(("postgresql://", "postgres://")):
+        raise BadRequest("setting database_url: use postgresql://user:pass@host:port/db")
     if settings.ollama_host and "://" not in settings.ollama_host:
         settings.ollama_host = "http://" + settings.ollama_host
     settings.ollama_hosts = [h if "://" in h else "http://" + h for h in settings.ollama_hosts]

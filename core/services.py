@@ -7,12 +7,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from core.admission import Admission
 from core.chat import ChatService
 from core.cluster import Cluster
 from core.concurrency import start_os_thread
 from core.config import Settings, parse_bytes
+from core.db import Database, open_database
 from core.embeddings import EmbeddingService
 from core.errors import SwitchboardError
 from core.jobs import JobRunner
@@ -33,6 +35,8 @@ from core.translation import TranslationService
 log = logging.getLogger(__name__)
 
 IDLE_SWEEP_S = 5.0
+#: With a shared database: how often this instance heartbeats and repairs gone instances' answers.
+SHARED_SWEEP_S = 5.0
 
 
 @dataclass
@@ -54,6 +58,10 @@ class Services:
     embeddings: EmbeddingService | None = None
     metrics: Metrics | None = None
     cluster: Cluster | None = None
+    #: The shared PostgreSQL database (`database_url`); None: SQLite files in the data dir.
+    database: Database | None = None
+    #: Set on close: stops the shared-state sweeper.
+    stopped: Any = None
 
     def models_payload(self, refresh: bool = False) -> dict:
         return self.registry.public_listing(refresh=refresh, default=self.settings.default_model)
@@ -61,6 +69,8 @@ class Services:
     def close(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()
+        if self.stopped is not None:
+            self.stopped.set()
         self.store.close()
         if self.knowledge is not None:
             self.knowledge.close()
@@ -77,7 +87,7 @@ def external_providers(settings: Settings) -> list[Provider]:
     return providers
 
 
-def build_resource_manager(settings: Settings, runtimes: list[Provider]) -> ResourceManager:
+def build_resource_manager(settings: Settings, runtimes: list[Provider], kv: Any = None) -> ResourceManager:
     """The resource manager per settings, with its idle-TTL sweeper running when any TTL is set."""
     ttl = {
         "chat": settings.ttl_chat_minutes * 60,
@@ -91,7 +101,7 @@ def build_resource_manager(settings: Settings, runtimes: list[Provider]) -> Reso
         runtimes=[p for p in runtimes if p.holds_memory],
         pools=[p for p in runtimes if hasattr(p, "pool_status")],
         release_wait_s=settings.ollama_unload_wait,
-        profiles=MemoryProfiles(settings.data_path / "memory_profiles.json"),
+        profiles=MemoryProfiles(settings.data_path / "memory_profiles.json", kv=kv),
         max_wait_s=settings.swap_max_wait_s,
     )
     if manager.ttl_s:
@@ -118,6 +128,39 @@ def join_cluster(settings: Settings, resources: ResourceManager) -> Cluster:
     return cluster
 
 
+def shared_state_sweep(store: ChatStore, profiles: MemoryProfiles | None, stale_after_s: float) -> int:
+    """One step of the shared-database upkeep: heartbeat, repair the streaming answers of instances
+    gone since (one log line when any), refresh learned memory profiles. Returns the answers repaired."""
+    repaired = store.sweep(stale_after_s)
+    if profiles is not None:
+        profiles.refresh()
+    return repaired
+
+
+def start_shared_state_sweeper(services: Services, every_s: float = SHARED_SWEEP_S) -> None:
+    """Run `shared_state_sweep` every `every_s` in a background thread (green under eventlet: its
+    queries yield to the hub) until the services close."""
+    stopped = services.stopped
+    profiles = services.resources.arbiter.profiles
+
+    def loop() -> None:
+        failing = False
+        while not stopped.wait(every_s):
+            try:
+                shared_state_sweep(services.store, profiles, services.settings.instance_stale_s)
+                if failing:
+                    log.info("event=shared_sweep_back")
+                failing = False
+            except Exception as exc:
+                if stopped.is_set():
+                    return
+                if not failing:  # one line when the database goes away, one when it is back
+                    log.warning("event=shared_sweep_failed error=%s", type(exc).__name__)
+                failing = True
+
+    threading.Thread(target=loop, name="shared-state", daemon=True).start()
+
+
 def build_services(
     settings: Settings, start_background: bool = True, on_models_changed: Callable[[], None] | None = None
 ) -> Services:
@@ -142,16 +185,21 @@ def build_services(
     externals = external_providers(settings)
     registry = ModelRegistry([local, *externals])
     router = Router(registry)
-    store = ChatStore(settings.db_path)
-    interrupted = store.mark_interrupted()
+    # With database_url, chats, knowledge and learned profiles share one PostgreSQL database (pg8000 is
+    # imported only then); without it, SQLite files in the data dir as always.
+    database = open_database(settings.database_url) if settings.database_url else None
+    store = ChatStore(database if database is not None else settings.db_path)
+    # One process on its own file: every earlier streaming answer was cut off. A shared database:
+    # only those of instances that are gone (siblings may be streaming right now).
+    interrupted = store.mark_interrupted(settings.instance_stale_s if database is not None else None)
     if interrupted:
         log.warning("event=history_repair messages_marked_incomplete=%d", interrupted)
-    resources = build_resource_manager(settings, externals)
+    resources = build_resource_manager(settings, externals, kv=store.kv if database is not None else None)
     cluster = join_cluster(settings, resources) if settings.redis_url else None
     # One runner for chat and translation: they take turns on a local model.
     runner = JobRunner(Admission(queue_max=settings.queue_max))
     resources.demand = runner.admission.waiting  # the swap-aware queue counts requests waiting per model
-    knowledge = KnowledgeService(settings, resources=resources)
+    knowledge = KnowledgeService(settings, resources=resources, database=database)
     chat = ChatService(store, router, settings, runner, knowledge=knowledge, resources=resources)
     translation = TranslationService(settings, router, local, runner, resources=resources)
     try:  # downloads run in real OS threads, never on the eventlet hub
@@ -177,7 +225,11 @@ def build_services(
         embeddings,
         metrics=Metrics(),
         cluster=cluster,
+        database=database,
+        stopped=threading.Event(),
     )
+    if database is not None:
+        start_shared_state_sweeper(services)
     services.metrics.add_live(lambda: live_gauges(services))
     runner.observers.append(services.metrics.job_ended)
     resources.observers.append(services.metrics.resource_event)

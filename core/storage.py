@@ -1,19 +1,29 @@
-"""Chat history in SQLite: chats and their messages, surviving restarts.
+"""Chat history in SQLite (default) or PostgreSQL (`database_url`): chats and their messages, surviving restarts.
 
 A `reset` does not delete anything: it moves the chat's context start past the existing messages,
 so they stay visible but are no longer sent to the model.
+
+Several processes may share one PostgreSQL database. Each store is an *instance* (a uuid made at
+open, a row in `instances` with a heartbeat); a streaming answer records the instance writing it, so
+after a crash only answers whose instance is gone (its heartbeat stale, its process dead, or no
+instance recorded) are marked incomplete, never those a live sibling is still streaming.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
+import logging
+import os
+import socket
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from core.concurrency import os_lock
+from core.db import Database, KeyValueStore, Tx, open_database
+from core.migrations import Migration, migrate, run_script
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chats (
@@ -52,37 +62,76 @@ ADDED_COLUMNS = {
 }
 
 MESSAGE_STATUSES = ("complete", "cancelled", "incomplete", "error", "streaming")
+#: Without a heartbeat for this long, an instance is taken for dead (its streaming answers: incomplete).
+STALE_AFTER_S = 30.0
+
+
+def _base_schema(tx: Tx) -> None:
+    """Version 1: the tables as they were before versioning (an old file already has them: adopted,
+    with the columns it lacks added)."""
+    run_script(tx, SCHEMA.replace(" REAL", " {real}"))
+    for table, columns in ADDED_COLUMNS.items():
+        for name, kind in columns:
+            tx.add_column(table, name, kind)
+
+
+def _instances(tx: Tx) -> None:
+    """Version 2: which process streams which answer (crash recovery with a shared database)."""
+    run_script(
+        tx,
+        "CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, "
+        "started_at {real} NOT NULL, heartbeat_at {real} NOT NULL)",
+    )
+    tx.add_column("messages", "instance_id", "TEXT")
+    tx.execute("CREATE INDEX IF NOT EXISTS messages_by_status ON messages(status)")
+
+
+def _kv(tx: Tx) -> None:
+    run_script(
+        tx, "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at {real} NOT NULL)"
+    )
+
+
+MIGRATIONS = (
+    Migration(1, "chats and messages", _base_schema),
+    Migration(2, "instances owning streaming answers", _instances),
+    Migration(3, "key/value state", _kv),
+)
 
 
 def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
+
+
 class ChatStore:
-    """All reads and writes of chat history; one connection guarded by a lock (calls are short)."""
+    """All reads and writes of chat history, on a SQLite file or a shared PostgreSQL database."""
 
-    def __init__(self, path: Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # With WAL, NORMAL keeps the database consistent after a crash and skips an fsync per commit.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        self._add_missing_columns()
-        self._lock = os_lock()
+    def __init__(self, target: Path | str | Database) -> None:
+        self.db = open_database(target)
+        self.dialect = self.db.dialect
+        migrate(self.db, "chats", MIGRATIONS)
+        #: This process's instance: written on the streaming answers it creates.
+        self.instance_id = new_id()
+        self.host = socket.gethostname()
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO instances (id, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,?)",
+            (self.instance_id, self.host, os.getpid(), now, now),
+        )
+        self.kv = KeyValueStore(self.db)
 
-    def _add_missing_columns(self) -> None:
-        for table, columns in ADDED_COLUMNS.items():
-            present = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            for name, kind in columns:
-                if name not in present:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-
-    def _run(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+    def _run(self, sql: str, args: tuple = ()) -> list[dict]:
+        return self.db.query(sql, args)
 
     def create_chat(self, title: str, model: str) -> str:
         chat_id, now = new_id(), time.time()
@@ -112,11 +161,9 @@ class ChatStore:
         return [dict(r) for r in rows]
 
     def delete_chat(self, chat_id: str) -> bool:
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM messages WHERE chat_id=?", (chat_id,))
-            deleted = self._db.execute("DELETE FROM chats WHERE id=?", (chat_id,)).rowcount
-            self._db.execute("COMMIT")
+        with self.db.transaction() as tx:
+            tx.execute("DELETE FROM messages WHERE chat_id=?", (chat_id,))
+            deleted = tx.execute("DELETE FROM chats WHERE id=?", (chat_id,))
         return bool(deleted)
 
     def add_message(
@@ -130,26 +177,23 @@ class ChatStore:
         tool_call_id: str | None = None,
     ) -> str:
         """Append a message at the chat's next sequence number and bump the chat's update time
-        (`tool_call_id`: a tool's result, answering that call)."""
+        (`tool_call_id`: a tool's result, answering that call). The message records this instance.
+
+        Race-free across processes: on PostgreSQL the chat's row is locked (FOR UPDATE) before the
+        next number is read, so two writers to one chat take turns; SQLite's write transaction
+        excludes other writers of the file."""
         message_id, now = message_id or new_id(), time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                seq = self._db.execute(
-                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE chat_id=?", (chat_id,)
-                ).fetchone()[0]
-                self._db.execute(
-                    "INSERT INTO messages (id, chat_id, seq, role, content, model, status, created_at, tool_call_id) "
-                    "VALUES (?,?,?,?,?,?,?,?,?)",
-                    (message_id, chat_id, seq, role, content, model, status, now, tool_call_id),
-                )
-                self._db.execute(
-                    "UPDATE chats SET updated_at=?, model=COALESCE(?, model) WHERE id=?", (now, model, chat_id)
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self.db.transaction() as tx:
+            tx.query("SELECT id FROM chats WHERE id=?" + tx.for_update, (chat_id,))
+            seq = tx.query("SELECT COALESCE(MAX(seq), 0) + 1 AS next FROM messages WHERE chat_id=?", (chat_id,))[0][
+                "next"
+            ]
+            tx.execute(
+                "INSERT INTO messages (id, chat_id, seq, role, content, model, status, created_at, tool_call_id, "
+                "instance_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (message_id, chat_id, seq, role, content, model, status, now, tool_call_id, self.instance_id),
+            )
+            tx.execute("UPDATE chats SET updated_at=?, model=COALESCE(?, model) WHERE id=?", (now, model, chat_id))
         return message_id
 
     def finish_message(
@@ -169,7 +213,7 @@ class ChatStore:
         """Store the final text and outcome of an assistant message (and the sources it was given, the
         tools it called)."""
         usage, timings = usage or {}, timings or {}
-        self._run(
+        self.db.execute(
             "UPDATE messages SET content=?, status=?, finish_reason=?, error_code=?, prompt_tokens=?, "
             "completion_tokens=?, ttft_ms=?, tokens_per_s=?, reasoning=?, citations=?, tool_calls=? WHERE id=?",
             (
@@ -190,7 +234,7 @@ class ChatStore:
 
     def save_partial(self, message_id: str, content: str, reasoning: str | None = None) -> None:
         """Store the text of an answer still streaming, so a crash keeps what the user already saw."""
-        self._run(
+        self.db.execute(
             "UPDATE messages SET content=?, reasoning=? WHERE id=? AND status='streaming'",
             (content, reasoning, message_id),
         )
@@ -203,6 +247,7 @@ class ChatStore:
         out = []
         for row in rows:
             item: dict[str, Any] = dict(row)
+            item.pop("instance_id", None)  # bookkeeping between processes, not part of the message
             item["citations"] = json.loads(row["citations"]) if row["citations"] else None
             item["tool_calls"] = json.loads(row["tool_calls"]) if row["tool_calls"] else None
             item["in_context"] = row["seq"] > context_from
@@ -219,17 +264,64 @@ class ChatStore:
         ]
 
     def reset_context(self, chat_id: str) -> None:
-        self._run(
+        self.db.execute(
             "UPDATE chats SET context_from=(SELECT COALESCE(MAX(seq), 0) FROM messages WHERE chat_id=?), "
             "updated_at=? WHERE id=?",
             (chat_id, time.time(), chat_id),
         )
 
-    def mark_interrupted(self) -> int:
-        """After a crash, answers left 'streaming' are stored as incomplete."""
-        with self._lock:
-            return self._db.execute("UPDATE messages SET status='incomplete' WHERE status='streaming'").rowcount
+    # -- instances: who streams what -------------------------------------------------------------
+    def heartbeat(self) -> None:
+        """Tell sibling processes this instance is alive (its streaming answers are not to be repaired)."""
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO instances (id, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,?) "
+            "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            (self.instance_id, self.host, os.getpid(), now, now),
+        )
+
+    def mark_interrupted(self, stale_after_s: float | None = None) -> int:
+        """Answers left 'streaming' by an instance that is gone are stored as incomplete.
+
+        Without `stale_after_s` (one process on its SQLite file, at startup) every other instance is
+        gone: all earlier streaming answers are repaired. With it (a shared database), an instance is
+        gone when it recorded no instance (rows from before), its process on this host has died, or
+        its heartbeat is older than `stale_after_s`; the rows of gone instances are forgotten.
+        """
+        if stale_after_s is None:
+            with self.db.transaction() as tx:
+                tx.execute("DELETE FROM instances WHERE id<>?", (self.instance_id,))  # crashed runs' rows
+                return tx.execute(
+                    "UPDATE messages SET status='incomplete' WHERE status='streaming' "
+                    "AND (instance_id IS NULL OR instance_id <> ?)",
+                    (self.instance_id,),
+                )
+        siblings = self.db.query("SELECT id, pid FROM instances WHERE host=? AND id<>?", (self.host, self.instance_id))
+        dead = [r["id"] for r in siblings if not _pid_alive(int(r["pid"]))]
+        cutoff = time.time() - stale_after_s
+        with self.db.transaction() as tx:
+            for instance in dead:
+                tx.execute("DELETE FROM instances WHERE id=?", (instance,))
+            tx.execute("DELETE FROM instances WHERE heartbeat_at < ? AND id<>?", (cutoff, self.instance_id))
+            return tx.execute(
+                "UPDATE messages SET status='incomplete' WHERE status='streaming' AND (instance_id IS NULL OR "
+                "(instance_id <> ? AND instance_id NOT IN (SELECT id FROM instances)))",
+                (self.instance_id,),
+            )
+
+    def sweep(self, stale_after_s: float = STALE_AFTER_S) -> int:
+        """The periodic step for a shared database (call every few seconds from a green thread):
+        heartbeat, then repair the streaming answers of instances gone since. Logs only a change."""
+        self.heartbeat()
+        repaired = self.mark_interrupted(stale_after_s)
+        if repaired:
+            log.warning("event=history_repair messages_marked_incomplete=%d reason=instance_gone", repaired)
+        return repaired
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Leave (siblings need not wait for this instance to go stale) and close the connection(s)."""
+        try:
+            self.db.execute("DELETE FROM instances WHERE id=?", (self.instance_id,))
+        except Exception as exc:  # closing anyway
+            log.warning("event=instance_leave_failed error=%r", exc)
+        self.db.close()

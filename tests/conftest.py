@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ServerProcess
+from tests.pg_server import postgres_server, postgres_url  # noqa: F401  (fixtures: a real PostgreSQL)
 
 # Converting the bundled GGUF takes ~25 s; keep the result between runs (a fresh machine converts once).
 TEST_MODEL_DIR = Path(

@@ -25,6 +25,7 @@ from typing import Any
 
 from core.concurrency import os_event, os_lock, run_blocking
 from core.config import Settings
+from core.db import Database
 from core.engines.embedding import EmbeddingEngine
 from core.errors import NotFound, SwitchboardError
 from core.knowledge.chunking import chunk_text, tokenizer_token_spans
@@ -36,6 +37,8 @@ from core.types import Message, ModelInfo
 log = logging.getLogger(__name__)
 
 EXCERPT_CHARS = 400
+#: With a shared database: how old an unknown upload file must be before it counts as an orphan.
+ORPHAN_AGE_S = 3600.0
 PROGRESS_EVERY_S = 0.25
 
 PROMPT = (
@@ -103,7 +106,14 @@ def public_document(row: dict) -> dict:
 class KnowledgeService:
     """Documents, their index and retrieval; one per server (data dir: <data-dir>/knowledge/)."""
 
-    def __init__(self, settings: Settings, embedder: EmbeddingEngine | None = None, resources: Any = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: EmbeddingEngine | None = None,
+        resources: Any = None,
+        database: Database | None = None,
+    ) -> None:
+        """`database`: the shared PostgreSQL database (`database_url`); None: `<data-dir>/knowledge/knowledge.db`."""
         self.settings = settings
         self.resources = resources  # the resource manager (optional): indexing holds a lease on the embedder
         self.root = settings.data_path / "knowledge"
@@ -112,7 +122,12 @@ class KnowledgeService:
         self.embedder = embedder or EmbeddingEngine(
             settings.knowledge_embedding_model or None, device=settings.knowledge_device
         )
-        self.index = VectorIndex(self.root / "knowledge.db", self.embedder.model_id, self.embedder.dimension)
+        self.shared = database is not None
+        self.index = VectorIndex(
+            database if database is not None else self.root / "knowledge.db",
+            self.embedder.model_id,
+            self.embedder.dimension,
+        )
         if self.index.embedding_model != self.embedder.model_id:
             log.warning(
                 "event=knowledge_model_changed indexed_with=%s now=%s note=re-upload documents to reindex",
@@ -130,10 +145,13 @@ class KnowledgeService:
         self.index.close()
 
     def _remove_orphan_files(self) -> None:
-        """Files of documents whose indexing never finished (the server stopped mid-way)."""
+        """Files of documents whose indexing never finished (the server stopped mid-way). With a shared
+        database a sibling process using the same data dir may be indexing one right now: only files
+        older than an hour count as orphans there."""
         known = self.index.files()
+        cutoff = time.time() - ORPHAN_AGE_S if self.shared else float("inf")
         for path in self.files_dir.iterdir():
-            if path.name not in known:
+            if path.name not in known and path.stat().st_mtime < cutoff:
                 path.unlink(missing_ok=True)
                 log.info("event=knowledge_orphan_removed file=%s", path.name)
 
@@ -296,7 +314,9 @@ class KnowledgeService:
                 job.cancel.set()
                 log.info("event=knowledge_delete document=%s state=indexing", doc_id)
                 return {**job.public(), "status": "deleted"}
-            row = self.index.delete_document(doc_id)
+        # Not under the lock: a job no longer in `jobs` was committed (it leaves `jobs` only after its
+        # commit, under the lock), so the stored document is there to delete.
+        row = self.index.delete_document(doc_id)
         if row is None:
             raise NotFound(f"document {doc_id} does not exist")
         (self.files_dir / row["file"]).unlink(missing_ok=True)

@@ -5,8 +5,9 @@ the GGUF's tensor data) + the KV cache the runtime allocates at load (llama.cpp:
 head dim x context x parallel streams x 2 (K and V) x 2 bytes; transformers grows its cache as it
 generates, so 0 at load) + a runtime overhead. After a load the measured figure (CUDA reserved
 bytes on a GPU, the process's RSS growth on CPU) is kept per (model, runtime, device, dtype,
-context, parallel) in `<data-dir>/memory_profiles.json` and used instead of the formula from then on,
-with the load's duration (the arbiter's "cheapest to bring back" order).
+context, parallel) in `<data-dir>/memory_profiles.json` (or the shared database's `kv` table) and
+used instead of the formula from then on, with the load's duration (the arbiter's "cheapest to bring
+back" order).
 """
 
 from __future__ import annotations
@@ -177,20 +178,52 @@ def overhead(runtime: str, weights: int, device: str = "cpu") -> int:
 
 # -- learned profiles -------------------------------------------------------------------------------
 class MemoryProfiles:
-    """Measured memory and load time per load configuration, kept in the data dir as JSON."""
+    """Measured memory and load time per load configuration: kept in the data dir as JSON, or, with a
+    shared database (`kv`, a core.db.KeyValueStore), one `kv` row per configuration, so every process
+    learns from every other's loads. The lock guards the in-memory copy only, never I/O."""
 
-    def __init__(self, path: Path | None) -> None:
+    KV_PREFIX = "memory_profile:"
+    #: With `kv`: how old the in-memory copy may get before `apply` reads the database again.
+    REFRESH_S = 5.0
+
+    def __init__(self, path: Path | None, kv: Any = None) -> None:
         self.path = path
+        self.kv = kv
         self._lock = os_lock()
         self.profiles: dict[str, dict[str, Any]] = {}
+        self._refreshed = 0.0
         if path is not None and path.exists():
             try:
                 self.profiles = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
                 log.warning("event=memory_profiles_unreadable path=%s error=%r", path, exc)
+        if kv is not None:
+            self._adopt_file()
+
+    def _adopt_file(self) -> None:
+        """The first process on a new shared database brings the profiles it learned in its data dir."""
+        if self.profiles and not self.kv.items(self.KV_PREFIX):
+            for key, profile in self.profiles.items():
+                self.kv.set(self.KV_PREFIX + key, profile)
+            log.info("event=memory_profiles_adopted count=%d from=%s", len(self.profiles), self.path)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read every process's profiles from the database (no-op without one)."""
+        if self.kv is None:
+            return
+        stored = {k[len(self.KV_PREFIX) :]: v for k, v in self.kv.items(self.KV_PREFIX).items()}
+        with self._lock:
+            self.profiles = stored
+            self._refreshed = time.monotonic()
 
     def apply(self, estimate: Estimate) -> Estimate:
         """`estimate` with its learned figure and load time filled in, when this configuration was measured."""
+        if self.kv is not None and time.monotonic() - self._refreshed > self.REFRESH_S:
+            try:
+                self.refresh()
+            except Exception as exc:  # the database is away: use what we have
+                log.warning("event=memory_profiles_not_read error=%r", exc)
         with self._lock:
             profile = self.profiles.get(estimate.key)
         if profile:
@@ -213,9 +246,14 @@ class MemoryProfiles:
         }
         with self._lock:
             samples = self.profiles.get(estimate.key, {}).get("samples", 0) + 1
-            self.profiles[estimate.key] = {**entry, "samples": samples}
+            self.profiles[estimate.key] = profile = {**entry, "samples": samples}
             data = json.dumps(self.profiles, indent=1, sort_keys=True)
-        if self.path is not None:
+        if self.kv is not None:
+            try:
+                self.kv.set(self.KV_PREFIX + estimate.key, profile)
+            except Exception as exc:
+                log.warning("event=memory_profiles_not_saved where=database error=%r", exc)
+        elif self.path is not None:
             try:
                 tmp = self.path.with_suffix(".tmp")
                 tmp.write_text(data)
