@@ -32,8 +32,6 @@ from tests.helpers import ROOT, free_port
 
 DEPLOY = ROOT / "deploy"
 SWITCHBOARDS = ("switchboard-1", "switchboard-2")
-# Settings the scale-out branch adds (redis_url, database_url); Settings lists them once merged.
-SCALE_OUT_ENV = {"SWITCHBOARD_REDIS_URL", "SWITCHBOARD_DATABASE_URL"}
 UPSTREAM_SERVER = re.compile(r"^(\s*)server\s+\S+:\d+", re.MULTILINE)
 
 
@@ -107,7 +105,7 @@ def test_compose_services_fit_together():
 
 def test_compose_environment_names_are_settings():
     services = compose()["services"]
-    known = settings_env_names() | SCALE_OUT_ENV
+    known = settings_env_names()
     for name in SWITCHBOARDS:
         env = services[name]["environment"]
         ours = {k for k in env if k.startswith("SWITCHBOARD_") or k in ("MODEL_DIR", "OLLAMA_HOST")}
