@@ -24,9 +24,42 @@
   const estimates = el("div", "res-estimates");
   const unloadAll = el("button", "res-unload", "Unload all", {
     type: "button", title: "Free every local engine and Ollama's models (waits for running answers)" });
-  body.append(summary, engines, ollama, planLine, lastSwitch, estimates, unloadAll);
+  const cluster = el("div", "res-cluster");
+  const pools = el("ul", "res-pools");
+  body.append(summary, engines, ollama, cluster, pools, planLine, lastSwitch, estimates, unloadAll);
+  // With several processes (server.redis_url) every process's status reaches every page: this page
+  // shows its own process's (the one GET /api/resources answered) and only the others' holdings.
+  let ownInstance = null;
+
+  function renderCluster(c) {
+    if (!c) { cluster.textContent = ""; return; }
+    const others = (c.members || []).filter((m) => m.instance !== c.instance);
+    cluster.textContent = "process " + c.instance + " of " + (c.members || []).length + (others.length
+      ? " · others hold: " + others.map((m) => m.instance + " " + (m.models.join(", ") || "nothing")).join("; ") : "");
+  }
+
+  function renderPools(all) {
+    pools.replaceChildren();
+    for (const [key, pool] of Object.entries(all || {})) {
+      for (const m of pool.members || []) {
+        const state = m.healthy ? "healthy" : "cooling down" + (m.cooling_down_until
+          ? " for " + Math.max(0, Math.round(m.cooling_down_until - Date.now() / 1000)) + " s" : "");
+        const error = m.last_error ? " · last error " + m.last_error.code : "";
+        pools.append(el("li", "res-pool-member " + (m.healthy ? "healthy" : "cooling"),
+          key + " · " + m.url + " · " + state + " · " + m.in_flight + " in flight · " + m.served + " served" + error));
+      }
+    }
+  }
+
+  function fromSocket(status) {
+    const from = status.cluster && status.cluster.instance;
+    if (from && ownInstance && from !== ownInstance) return;  // another process's own view
+    render(status);
+  }
 
   function render(status) {
+    renderCluster(status.cluster);
+    renderPools(status.pools);
     const dev = status.devices || {};
     const gpus = (dev.gpus || []).map((g) => "GPU" + g.gpu + " " + bytes(g.used) + " / " + bytes(g.total)).join(", ");
     summary.textContent = "policy " + status.policy + " · process " + bytes(dev.process_rss) +
@@ -88,14 +121,17 @@
   if (select) select.addEventListener("change", () => showPlan(select.value));
 
   function refresh() {
-    SB.api("/api/resources").then(render).catch(() => { /* shown again on the next event */ });
+    SB.api("/api/resources").then((status) => {
+      if (status.cluster) ownInstance = status.cluster.instance;
+      render(status);
+    }).catch(() => { /* shown again on the next event */ });
   }
   unloadAll.addEventListener("click", () => {
     unloadAll.disabled = true;
     SB.postJSON("/api/resources/unload", { engine: "all" })
       .catch(() => {}).finally(() => { unloadAll.disabled = false; refresh(); });
   });
-  SB.socket.on("resource_status", render);
+  SB.socket.on("resource_status", fromSocket);
   SB.socket.on("connect", refresh);
   refresh();
 })();

@@ -125,3 +125,45 @@ def test_kill_9_mid_answer_the_client_reconnects_to_the_other_and_continues(tmp_
         for proc in procs:
             proc.stop()
         peer.stop()
+
+
+@pytest.mark.browser
+def test_the_page_through_nginx_chats_and_shows_its_process_in_the_resources_panel(tmp_path, cluster_env):
+    """A person's view of two processes behind nginx: Chromium loads the page through the proxy,
+    streams an answer over Socket.IO, and the resources panel names its own process of two."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import CHROMIUM, FLAGS, send, wait_idle
+
+    peer = StreamPeer(delay=0.01)
+    procs = start_group(
+        tmp_path,
+        tmp_path / "models",
+        2,
+        {**cluster_env, "SWITCHBOARD_DEFAULT_MODEL": MODEL},
+        peer_config(peer.base_url),
+    )
+    proxy = NginxProxy(tmp_path / "nginx", [f"127.0.0.1:{p.port}" for p in procs])
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page()
+            page.goto(proxy.url + "/")
+            page.wait_for_function("document.querySelector('#conn-status').textContent.trim() === 'connected'")
+            page.select_option("#model-select", MODEL)
+            send(page, "count for me")
+            wait_idle(page, timeout=60000)
+            answer = page.locator(".message.assistant .content").last.inner_text()
+            assert answer.split()[:3] == ["w1", "w2", "w3"], answer
+            page.wait_for_function(
+                "document.querySelector('#resources-panel .res-cluster').textContent.includes(' of 2')"
+            )
+            instances = {procs[i].get("/api/resources").json()["cluster"]["instance"] for i in range(2)}
+            shown = page.locator("#resources-panel .res-cluster").inner_text()
+            assert any(shown.startswith(f"process {i} of 2") for i in instances), shown
+            browser.close()
+    finally:
+        proxy.stop()
+        for proc in procs:
+            proc.stop()
+        peer.stop()

@@ -114,7 +114,7 @@ def test_chat_models_and_resources_panels_render_with_honest_switch_wording(open
     wording = page.inner_text("#resources-panel .res-switch")
     assert "RAM grew by" in wording, wording
     assert not re.search(r"freed [A-Za-z ]+ -", wording), wording
-    assert re.search(r"process \d+(\.\d)? MB", page.inner_text("#resources-panel .res-summary"))
+    assert re.search(r"process \d+(\.\d+)? [MG]B", page.inner_text("#resources-panel .res-summary"))
     assert page.errors == []
 
 
