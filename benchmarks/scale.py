@@ -131,7 +131,9 @@ def measure(name: str, count: int, redis: bool, args: argparse.Namespace, work: 
         procs = start_group(root, root / "models", count, env, peer_config(peer.base_url))
         try:
             urls = [p.url for p in procs]
-            run_load(urls, len(urls) * 2, 1, 8)  # warm: connections, the peer's model list
+            run_load(
+                urls, args.clients, 1, 8
+            )  # warm, as a server that has run a while: its client pool, the model list
             results[phase] = run_load(urls, args.clients, args.rounds if phase == "saturation" else 1, tokens)
             r = results[phase]
             print(
