@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.helpers import ROOT, ServerProcess, free_port
@@ -182,3 +183,11 @@ def kill_hard(proc: ServerProcess) -> None:
     if proc.proc and proc.proc.poll() is None:
         proc.proc.send_signal(signal.SIGKILL)
         proc.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    """Debian's redis-server for a test module (tests flush it: see each module's env fixture)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()

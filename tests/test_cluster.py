@@ -22,13 +22,6 @@ from tests.test_resource_policies import A, B, tiny_models  # noqa: F401 - a fix
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def group_env(redis_server: RedisServer) -> dict[str, str]:
     """Each test its own Redis database: no resident keys or locks left from another test."""

@@ -19,13 +19,6 @@ pytestmark = pytest.mark.slow
 MODEL = "peer:counter"
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def cluster_env(redis_server: RedisServer, postgres_url: str) -> dict[str, str]:
     """An empty Redis and a fresh PostgreSQL database (tests/pg_server.py) for each test."""

@@ -157,6 +157,16 @@ class ProviderPool(Provider):
             last.args = (last.message,)
         return last
 
+    def _failed(self, member: Member, exc: SwitchboardError) -> SwitchboardError:
+        """A member's failure before any output: the client's fault is raised as it is, a server's
+        fault cools the member down; either way the caller may go on to the next member."""
+        what = verdict(exc)
+        if what == RAISE:
+            raise exc
+        if what == COOL:
+            self._cool(member, exc)
+        return exc
+
     def _call(self, name: str, call: Callable[[Provider], T]) -> T:
         """A one-shot request (embeddings) on the best member, on to the next as a stream would."""
         last, tried = None, 0
@@ -166,12 +176,7 @@ class ProviderPool(Provider):
             try:
                 value = call(member.provider)
             except SwitchboardError as exc:
-                what = verdict(exc)
-                if what == RAISE:
-                    raise
-                if what == COOL:
-                    self._cool(member, exc)
-                last = exc
+                last = self._failed(member, exc)
                 continue
             finally:
                 self._leave(member)
@@ -200,12 +205,7 @@ class ProviderPool(Provider):
                         self._served(member)
                     return
                 except SwitchboardError as exc:
-                    what = verdict(exc)
-                    if what == RAISE:
-                        raise
-                    if what == COOL:
-                        self._cool(member, exc)
-                    last = exc
+                    last = self._failed(member, exc)
                     continue
                 self._served(member)
                 yield first
