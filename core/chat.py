@@ -193,12 +193,11 @@ class ChatJob(StreamJob):
         return bool(merged)
 
     def _save_soon(self) -> None:
-        """Store the text so far now if the last save is SAVE_EVERY_S old, else once it is (a timer:
-        a stream that pauses after a piece must not keep that piece unsaved)."""
-        wait = self._saved_at + SAVE_EVERY_S - time.monotonic()
-        if wait <= 0:
-            self._save_partial()
-        elif self._save_timer is None:
+        """Store the text so far once the last save is SAVE_EVERY_S old (a timer: a stream that pauses
+        after a piece must not keep that piece unsaved). Always on a timer, even when due now: the
+        write then runs after this piece has left for the client, never in front of it."""
+        if self._save_timer is None:
+            wait = max(self._saved_at + SAVE_EVERY_S - time.monotonic(), 0.0)
             self._save_timer = threading.Timer(wait, self._save_partial)
             self._save_timer.daemon = True
             self._save_timer.start()
