@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from core.errors import Busy
+from core.errors import Busy, ClusterUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,10 @@ class Cluster:
     def __init__(self, url: str, channel: str = "switchboard", release_wait_s: float = 120.0) -> None:
         import redis  # only a clustered server needs the client
 
-        self.redis = redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30)
+        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+        self._redis_errors = (redis.exceptions.RedisError, OSError)
+        #: Where Redis is, for messages: host and port only (a URL may carry a password).
+        self.where = _where(url)
         self.prefix = f"switchboard:{channel}"
         self.instance = uuid.uuid4().hex[:12]
         self.release_wait_s = release_wait_s
@@ -118,16 +121,21 @@ class Cluster:
                 failing = True
 
     def _listen(self) -> None:
+        failing = False
         while not self._stop.is_set():
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self._release_channel)
+                failing = False
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
                         self._handle_release(json.loads(message["data"]))
             except Exception as exc:
-                log.warning("event=cluster_listener_error instance=%s error=%s", self.instance, type(exc).__name__)
+                if not failing:  # the heartbeat says when Redis is back
+                    error = type(exc).__name__
+                    log.warning("event=cluster_listener_error instance=%s error=%s", self.instance, error)
+                failing = True
                 self._stop.wait(1.0)
 
     def _handle_release(self, request: dict[str, Any]) -> None:
@@ -154,8 +162,12 @@ class Cluster:
         token = f"{self.instance}:{uuid.uuid4().hex[:8]}"
         lock = self.redis.lock(self._lock_key, timeout=LOCK_TTL_S, sleep=POLL_S)
         started = time.monotonic()
-        holder = self.redis.get(self._lock_key)
-        if not lock.acquire(blocking=True, blocking_timeout=self.release_wait_s, token=token):
+        try:
+            holder = self.redis.get(self._lock_key)
+            acquired = lock.acquire(blocking=True, blocking_timeout=self.release_wait_s, token=token)
+        except self._redis_errors as exc:
+            raise self.unavailable(exc) from None
+        if not acquired:
             raise Busy(f"another Switchboard process has been switching models for {self.release_wait_s:.0f} s")
         waited_ms = round((time.monotonic() - started) * 1000)
         waited_for = holder.decode().split(":")[0] if holder else None
@@ -170,7 +182,10 @@ class Cluster:
         keeper = _LockKeeper(lock)
         keeper.start()
         try:
-            released_by = self._make_room(target, conflicts)
+            try:
+                released_by = self._make_room(target, conflicts)
+            except self._redis_errors as exc:
+                raise self.unavailable(exc) from None
             yield {"waited_ms": waited_ms, "waited_for": waited_for, "released_by": released_by}
         finally:
             keeper.stop()
@@ -179,6 +194,16 @@ class Cluster:
                 lock.release()
             except Exception as exc:  # an expired lock frees itself
                 log.warning("event=cluster_unlock_failed instance=%s error=%s", self.instance, type(exc).__name__)
+
+    def unavailable(self, exc: BaseException) -> ClusterUnavailable:
+        """The error a request sees while Redis is away (model switches wait for the cluster's lock)."""
+        log.warning(
+            "event=cluster_unavailable instance=%s redis=%s error=%s", self.instance, self.where, type(exc).__name__
+        )
+        return ClusterUnavailable(
+            f"the Redis at {self.where} that coordinates this deployment's processes cannot be reached; "
+            "switching models needs it (answers from models already loaded go on)"
+        )
 
     def _make_room(self, target: str, conflicts: Callable[[list[dict[str, Any]]], bool]) -> list[str]:
         """Ask each conflicting instance to release, then wait until none conflicts (or give up)."""
@@ -200,6 +225,13 @@ class Cluster:
                 )
             time.sleep(POLL_S)  # green under eventlet
         return asked
+
+
+def _where(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.path if parts.scheme == "unix" else f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
 
 
 class _LockKeeper:

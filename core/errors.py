@@ -113,6 +113,12 @@ class UnsupportedMediaType(SwitchboardError):
     code, http_status = "unsupported_media_type", 415
 
 
+class ClusterUnavailable(SwitchboardError):
+    """The Redis that coordinates several Switchboard processes cannot be reached (server.redis_url)."""
+
+    code, http_status = "cluster_unavailable", 503
+
+
 class ProviderUnreachable(SwitchboardError):
     code, http_status = "provider_unreachable", 502
 

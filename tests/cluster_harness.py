@@ -33,8 +33,8 @@ def _need(binary: str) -> str:
 class RedisServer:
     """Debian's redis-server on a free loopback port, without persistence."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = subprocess.Popen(
             [

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,42 @@ def test_a_download_on_one_process_updates_the_model_list_of_clients_on_another(
         for proc in procs:
             proc.stop()
         hub.stop()
+
+
+def test_redis_away_switches_fail_clearly_and_come_back_with_it(tiny_models, tmp_path):  # noqa: F811
+    """Redis stopped: a switch answers 503 cluster_unavailable (no traceback, no 500), the loaded model
+    still answers, /api/resources still works; Redis back on its port: switching works again."""
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    redis = RedisServer(redis_dir)
+    procs = start_group(tmp_path, tiny_models, 1, {"SWITCHBOARD_REDIS_URL": redis.url})
+    proc = procs[0]
+    chat = {"content": "hi", "options": {"max_new_tokens": 4}}
+    try:
+        assert requests.post(proc.url + "/api/chat", json={"model": A, **chat}, timeout=120).status_code == 200
+        redis.stop()
+        refused = requests.post(proc.url + "/api/chat", json={"model": B, **chat}, timeout=60)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "cluster_unavailable"
+        assert "127.0.0.1:" in refused.json()["error"]["message"]
+        loaded = requests.post(proc.url + "/api/chat", json={"model": A, **chat}, timeout=60)
+        assert loaded.status_code == 200, loaded.text
+        status = proc.get("/api/resources")
+        assert status.status_code == 200 and "unreachable" in status.json()["cluster"]["error"]
+
+        redis = RedisServer(redis_dir, port=redis.port)
+        deadline = time.monotonic() + 30
+        while True:
+            again = requests.post(proc.url + "/api/chat", json={"model": B, **chat}, timeout=60)
+            if again.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert again.status_code == 200, again.text
+        assert "Traceback" not in proc.log()
+        assert proc.log().count("event=cluster_listener_error") <= 1
+    finally:
+        proc.stop()
+        redis.stop()
 
 
 def _ids(listing: dict) -> set[str]:

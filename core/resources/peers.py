@@ -72,7 +72,14 @@ class PeerCoordination:
         return released
 
     def status(self) -> dict[str, Any]:
-        members = self.cluster.members()
+        try:
+            members = self.cluster.members()
+        except Exception as exc:  # Redis away: say so instead of failing the whole status
+            return {
+                "instance": self.cluster.instance,
+                "members": [],
+                "error": f"redis unreachable ({type(exc).__name__})",
+            }
         return {
             "instance": self.cluster.instance,
             "members": [
