@@ -57,10 +57,15 @@ def configure_logging(level: str) -> None:
 
 def serve(settings) -> int:
     import eventlet_server
+    from core.errors import SwitchboardError
     from web_ui import create_app
     from web_ui.extensions import socketio
 
-    app = create_app(settings, async_mode="eventlet")
+    try:
+        app = create_app(settings, async_mode="eventlet")
+    except SwitchboardError as exc:  # Redis or PostgreSQL named in the settings cannot be reached
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     eventlet_server.harden(socketio)
     log = logging.getLogger("switchboard")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:

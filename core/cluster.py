@@ -92,8 +92,14 @@ class Cluster:
         return {i: r["models"] for i, r in self.members().items() if i != self.instance and r["models"]}
 
     def start(self) -> None:
-        """Heartbeat and release-request listener, as green background threads."""
-        self.publish_holding()
+        """Heartbeat and release-request listener, as green background threads (ClusterUnavailable
+        when Redis cannot be reached at all: a clustered server does not start alone)."""
+        try:
+            self.publish_holding()
+        except self._redis_errors as exc:
+            raise ClusterUnavailable(
+                f"cannot reach the Redis at {self.where} (server.redis_url): {type(exc).__name__}"
+            ) from None
         threading.Thread(target=self._heartbeat, name="cluster-heartbeat", daemon=True).start()
         threading.Thread(target=self._listen, name="cluster-listener", daemon=True).start()
         log.info("event=cluster_joined instance=%s members=%d", self.instance, len(self.members()))

@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from core.concurrency import os_lock
+from core.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,13 @@ class PgTarget:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
 
 
+def _reason(exc: BaseException) -> str:
+    """pg8000's own words for a failed connect (server messages carry no secrets), shortened."""
+    args = exc.args[0] if exc.args else exc
+    text = args.get("M", str(args)) if isinstance(args, dict) else str(args)
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
 class PostgresDatabase(Database):
     """A pool of pg8000 connections to one database (see the module docstring for the locking)."""
 
@@ -222,7 +230,12 @@ class PostgresDatabase(Database):
         self._open = 0
         self._lock = os_lock()  # guards _idle and _open only: never held across I/O
         self._closed = False
-        self._put(self._take())  # fail now, with a clear error, when the server cannot be reached
+        try:  # fail now, with a clear error, when the server cannot be reached
+            self._put(self._take())
+        except (self._pg.Error, OSError) as exc:  # the message names host, port and database, never the password
+            raise DatabaseUnavailable(
+                f"cannot open the database {self.target.public()} (database_url): {_reason(exc)}"
+            ) from None
         log.info("event=database_open dialect=postgresql url=%s pool_max=%d", self.target.public(), max_size)
 
     def _connect(self) -> Any:

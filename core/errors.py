@@ -119,6 +119,12 @@ class ClusterUnavailable(SwitchboardError):
     code, http_status = "cluster_unavailable", 503
 
 
+class DatabaseUnavailable(SwitchboardError):
+    """The shared PostgreSQL database (database_url) cannot be reached or refused this server."""
+
+    code, http_status = "database_unavailable", 503
+
+
 class ProviderUnreachable(SwitchboardError):
     code, http_status = "provider_unreachable", 502
 

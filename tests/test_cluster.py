@@ -5,6 +5,7 @@ them and coordinates model switches. Everything is real: Debian's redis-server, 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import threading
@@ -175,3 +176,33 @@ def test_redis_setting_is_validated(tmp_path: Path):
 
     with pytest.raises(BadRequest, match="redis_url"):
         load_settings({"data_dir": str(tmp_path)}, environ={"SWITCHBOARD_REDIS_URL": "http://x"})
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"SWITCHBOARD_REDIS_URL": "redis://:hunter2pw@127.0.0.1:{port}/0"}, "cannot reach the Redis at 127.0.0.1:"),
+        (
+            {"SWITCHBOARD_DATABASE_URL": "postgresql://sb:hunter2pw@127.0.0.1:{port}/db"},
+            "cannot open the database postgresql://sb@127.0.0.1:",
+        ),
+    ],
+)
+def test_an_unreachable_redis_or_database_stops_the_start_with_one_clear_line(tmp_path, env, words):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, free_port
+
+    port = free_port()  # nothing listens there
+    environ = {**os.environ, **{k: v.format(port=port) for k, v in env.items()}}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--data-dir", str(tmp_path), "--port", str(free_port())],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert words in run.stderr and "Traceback" not in run.stderr
+    assert "hunter2pw" not in run.stderr + run.stdout
