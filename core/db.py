@@ -267,10 +267,17 @@ class PostgresDatabase(Database):
             time.sleep(0.005)  # green on the hub, plain in an OS thread
         try:
             return self._connect()
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self._open -= 1
+            if isinstance(exc, (self._pg.InterfaceError, OSError)):
+                raise self._unavailable(exc) from None
             raise
+
+    def _unavailable(self, exc: BaseException) -> DatabaseUnavailable:
+        """The error a request sees while the server is away (503; names the database, never the password)."""
+        log.warning("event=database_unavailable url=%s error=%s", self.target.public(), type(exc).__name__)
+        return DatabaseUnavailable(f"the database {self.target.public()} cannot be reached: {_reason(exc)}")
 
     def _put(self, con: Any, broken: bool = False) -> None:
         with self._lock:
@@ -304,6 +311,8 @@ class PostgresDatabase(Database):
         except self._pg.DatabaseError:
             broken = False  # the server refused a statement; the connection is fine (autocommit)
             raise
+        except (self._pg.InterfaceError, OSError) as exc:  # the connection broke: dropped from the pool
+            raise self._unavailable(exc) from None
         finally:
             self._put(con, broken)
 
@@ -321,6 +330,8 @@ class PostgresDatabase(Database):
                 raise
             con.run("COMMIT")
             broken = False
+        except (self._pg.InterfaceError, OSError) as exc:
+            raise self._unavailable(exc) from None
         finally:
             self._put(con, broken)
 

@@ -483,3 +483,24 @@ def test_a_sibling_spares_a_live_stream_and_repairs_it_once_its_server_is_killed
         time.sleep(0.5)
     assert answer()["status"] == "incomplete"
     assert "event=history_repair" in b.log_path.read_text()
+
+
+def test_a_database_gone_away_is_a_503_with_a_code_and_the_server_keeps_serving(tmp_path, make_server):
+    """PostgreSQL stopped under a running server: chat routes answer 503 database_unavailable in JSON
+    (no traceback, no password), and the rest of the server (health, the page) keeps answering."""
+    from tests.pg_server import create_database, start_postgres
+
+    server_url, stop = start_postgres(tmp_path)
+    try:
+        url = create_database(server_url).replace("://switchboard@", "://switchboard:hunter2pw@")
+        srv = make_server(env={"SWITCHBOARD_DATABASE_URL": url})
+        assert srv.get("/api/chats").status_code == 200
+    finally:
+        stop()
+    gone = srv.get("/api/chats")
+    assert gone.status_code == 503, gone.text
+    assert gone.json()["error"]["code"] == "database_unavailable"
+    assert "hunter2pw" not in gone.text and "Traceback" not in gone.text
+    assert srv.get("/healthz").status_code == 200
+    assert srv.get("/").status_code == 200
+    assert "hunter2pw" not in srv.log()
