@@ -37,6 +37,9 @@ HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_S = 10
 LOCK_TTL_S = 30
 POLL_S = 0.1
+ASK_AGAIN_S = 3.0
+#: Given what every other instance holds ({instance: [{"model", "bytes"}]}), the instances to ask.
+Chooser = Callable[[dict[str, list[dict[str, Any]]]], list[str]]
 
 
 class Cluster:
@@ -161,12 +164,14 @@ class Cluster:
 
     # -- switching --------------------------------------------------------------------------------
     @contextmanager
-    def switching(self, target: str, conflicts: Callable[[list[dict[str, Any]]], bool]) -> Iterator[dict[str, Any]]:
+    def switching(self, target: str, choose: Chooser) -> Iterator[dict[str, Any]]:
         """Hold the cluster's switch lock while this process switches to `target`, after the other
-        instances whose holdings `conflicts` with it have released them. Yields what happened
-        ({waited_ms, waited_for, released_by})."""
+        instances that `choose` names (from what every other instance holds) have released their
+        models. Yields what happened ({waited_ms, waited_for, released_by})."""
         token = f"{self.instance}:{uuid.uuid4().hex[:8]}"
-        lock = self.redis.lock(self._lock_key, timeout=LOCK_TTL_S, sleep=POLL_S)
+        # thread_local=False: the keeper extends the lock from another (green) thread, which must see
+        # the token; a thread-local token is invisible there and the lock would lapse mid-switch.
+        lock = self.redis.lock(self._lock_key, timeout=LOCK_TTL_S, sleep=POLL_S, thread_local=False)
         started = time.monotonic()
         try:
             holder = self.redis.get(self._lock_key)
@@ -189,7 +194,7 @@ class Cluster:
         keeper.start()
         try:
             try:
-                released_by = self._make_room(target, conflicts)
+                released_by = self._make_room(target, choose)
             except self._redis_errors as exc:
                 raise self.unavailable(exc) from None
             yield {"waited_ms": waited_ms, "waited_for": waited_for, "released_by": released_by}
@@ -197,6 +202,9 @@ class Cluster:
             keeper.stop()
             try:
                 self.publish_holding()
+            except Exception as exc:  # the heartbeat writes it again
+                log.warning("event=cluster_publish_failed instance=%s error=%s", self.instance, type(exc).__name__)
+            try:
                 lock.release()
             except Exception as exc:  # an expired lock frees itself
                 log.warning("event=cluster_unlock_failed instance=%s error=%s", self.instance, type(exc).__name__)
@@ -211,19 +219,22 @@ class Cluster:
             "switching models needs it (answers from models already loaded go on)"
         )
 
-    def _make_room(self, target: str, conflicts: Callable[[list[dict[str, Any]]], bool]) -> list[str]:
-        """Ask each conflicting instance to release, then wait until none conflicts (or give up)."""
-        asked = [i for i, models in self.others_holding().items() if conflicts(models)]
+    def _make_room(self, target: str, choose: Chooser) -> list[str]:
+        """Ask the chosen instances to release, then wait until they hold nothing (or give up). The
+        request is sent again every few seconds: a listener reconnecting to Redis misses a message."""
+        asked = choose(self.others_holding())
         for instance in asked:
             log.info("event=cluster_release_asked instance=%s to=%s for=%s", self.instance, instance, target)
-            self.redis.publish(
-                self._release_channel, json.dumps({"to": instance, "from": self.instance, "for": target})
-            )
-        deadline = time.monotonic() + self.release_wait_s
+        deadline, next_ask = time.monotonic() + self.release_wait_s, 0.0
         while asked:
-            still = {i: m for i, m in self.others_holding().items() if i in asked and conflicts(m)}
+            still = {i: m for i, m in self.others_holding().items() if i in asked}
             if not still:
                 break
+            if time.monotonic() >= next_ask:
+                for instance in still:
+                    message = {"to": instance, "from": self.instance, "for": target}
+                    self.redis.publish(self._release_channel, json.dumps(message))
+                next_ask = time.monotonic() + ASK_AGAIN_S
             if time.monotonic() > deadline:
                 raise Busy(
                     f"other Switchboard processes still hold {', '.join(sorted(still))}'s models after "

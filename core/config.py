@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from core.errors import BadRequest
 
@@ -534,6 +535,13 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
         raise BadRequest(f"setting bundled_runtime: {settings.bundled_runtime!r} is not llama.cpp or transformers")
     if settings.resource_policy not in ("exclusive", "budget", "keep"):
         raise BadRequest(f"setting resource_policy: {settings.resource_policy!r} is not exclusive, budget or keep")
+    for name in ("redis_url", "database_url"):
+        try:
+            _ = urlsplit(getattr(settings, name)).port  # parsed here: its error must never echo the url
+        except ValueError:
+            raise BadRequest(
+                f"setting {name}: its port is not a number (percent-encode '/', '@' or ':' in a password)"
+            ) from None
     if settings.redis_url and not re.match(r"^(redis|rediss|unix)://", settings.redis_url):
         raise BadRequest("setting redis_url: use redis://host:port/db, rediss://… or unix://…")
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", settings.redis_channel):

@@ -277,7 +277,7 @@ class PostgresDatabase(Database):
     def _unavailable(self, exc: BaseException) -> DatabaseUnavailable:
         """The error a request sees while the server is away (503; names the database, never the password)."""
         log.warning("event=database_unavailable url=%s error=%s", self.target.public(), type(exc).__name__)
-        return DatabaseUnavailable(f"the database {self.target.public()} cannot be reached: {_reason(exc)}")
+        return DatabaseUnavailable(f"cannot reach the database {self.target.public()} (database_url): {_reason(exc)}")
 
     def _put(self, con: Any, broken: bool = False) -> None:
         with self._lock:

@@ -184,7 +184,7 @@ def test_redis_setting_is_validated(tmp_path: Path):
         ({"SWITCHBOARD_REDIS_URL": "redis://:hunter2pw@127.0.0.1:{port}/0"}, "cannot reach the Redis at 127.0.0.1:"),
         (
             {"SWITCHBOARD_DATABASE_URL": "postgresql://sb:hunter2pw@127.0.0.1:{port}/db"},
-            "cannot open the database postgresql://sb@127.0.0.1:",
+            "the database postgresql://sb@127.0.0.1:",
         ),
     ],
 )
@@ -206,3 +206,60 @@ def test_an_unreachable_redis_or_database_stops_the_start_with_one_clear_line(tm
     assert run.returncode == 2, run.stderr[-2000:]
     assert words in run.stderr and "Traceback" not in run.stderr
     assert "hunter2pw" not in run.stderr + run.stdout
+
+
+def test_the_switch_lock_outlives_its_expiry_while_its_holder_works(redis_server, monkeypatch):
+    """A switch longer than the lock's expiry (a big load, a long release wait) keeps the lock: its
+    keeper extends it from another thread; a second process still waits."""
+    import core.cluster as cluster_module
+    from core.cluster import Cluster
+
+    monkeypatch.setattr(cluster_module, "LOCK_TTL_S", 1.5)
+    redis_server.client.flushall()
+    holder, other = Cluster(redis_server.url), Cluster(redis_server.url, release_wait_s=0.5)
+    try:
+        with holder.switching("local:big", lambda others: []):
+            time.sleep(4)  # more than twice the expiry
+            token = redis_server.client.get(f"{holder.prefix}:lock:switch")
+            assert token and token.decode().startswith(holder.instance)
+            from core.errors import Busy
+
+            with pytest.raises(Busy), other.switching("local:other", lambda others: []):
+                pass
+        assert redis_server.client.get(f"{holder.prefix}:lock:switch") is None
+    finally:
+        holder.stop()
+        other.stop()
+
+
+class _Weights:
+    """An engine's size as the budget sees it (Slot.size_hint reads these two)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def expected_bytes(self) -> int:
+        return self.size
+
+
+def test_budget_counts_every_process_holdings_together(redis_server):
+    """budget 24 GB; other processes hold 10 and 8 GB; a 10 GB load here must make one of them
+    release (each alone plus the new model would fit; all together would not)."""
+    from core.cluster import Cluster
+    from core.resources.manager import ResourceManager, Slot
+    from core.resources.peers import PeerCoordination
+
+    gb = 1024**3
+    manager = ResourceManager("budget", 24 * gb)
+    cluster = Cluster(redis_server.url)
+    peers = PeerCoordination(manager, cluster)
+    others = {"a": [{"model": "x", "bytes": 10 * gb}], "b": [{"model": "y", "bytes": 8 * gb}]}
+    assert peers.chooser(Slot(_Weights(10 * gb), {"chat"}))(others) == ["a"]
+    assert peers.chooser(Slot(_Weights(4 * gb), {"chat"}))(others) == []
+    manager.policy = "exclusive"
+    assert peers.chooser(None)(others) == ["a", "b"]
+    manager.policy = "keep"
+    assert peers.chooser(Slot(_Weights(100 * gb), {"chat"}))(others) == []

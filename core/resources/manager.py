@@ -256,12 +256,19 @@ class ResourceManager:
         slot = self.track(engine, role)
         target = target or str(ModelId.local(engine.model_id))
         with self._turn(target if role == "chat" else None, notify):
-            if role == "chat":
-                self._switch_to("local", target, slot, reason, notify)
-            self._load(slot, reason, notify)
-            with self._cond:
-                slot.leases += 1
-                slot.last_used = time.time()
+            while True:
+                if role == "chat":
+                    self._switch_to("local", target, slot, reason, notify)
+                self._load(slot, reason, notify)
+                with self._cond:
+                    # Being unloaded for another process (core.resources.peers): no new lease may keep
+                    # it busy; once it is gone, switch back to it (through the cluster) and load again.
+                    if not slot.unload_pending:
+                        slot.leases += 1
+                        slot.last_used = time.time()
+                        break
+                    while slot.unload_pending:
+                        self._cond.wait(timeout=0.25)
         self._changed()
         try:
             yield engine

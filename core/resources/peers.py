@@ -32,27 +32,46 @@ class PeerCoordination:
         cluster.on_release = self.release_for
 
     def holding(self) -> list[dict[str, Any]]:
-        """The chat models this process has loaded, with their bytes (what its peers must know)."""
-        return [
+        """The chat models this process has loaded, with their bytes (what its peers must know), and
+        the other runtime's model it last switched to: under `exclusive` that one counts too."""
+        held = [
             {"model": getattr(s.engine, "model_id", s.key), "key": s.key, "bytes": s.size_hint()}
             for s in self.manager.slots_of_role("chat")
             if s.engine.is_loaded()
         ]
+        last = self.manager.last_switch
+        if last and self.manager.current_kind not in (None, "local"):
+            held.append({"model": last["to"], "key": last["to"], "bytes": 0, "external": True})
+        return held
 
-    def conflicts(self, slot: Slot | None) -> Callable[[list[dict[str, Any]]], bool]:
-        """Whether another process's holdings must go before `slot` loads, by policy."""
+    def chooser(self, slot: Slot | None) -> Callable[[dict[str, list[dict[str, Any]]]], list[str]]:
+        """Which other processes must release before `slot` (None: an external model) runs, by policy:
+        `exclusive` every one holding anything; `budget` the largest holders until everything resident
+        across the cluster (theirs, this process's, the new model) fits; `keep` none."""
         policy, budget = self.manager.policy, self.manager.budget_bytes
-        if policy == "keep":
-            return lambda models: False
-        if policy == "budget" and budget > 0:
-            need = slot.size_hint() if slot is not None else 0
-            return lambda models: sum(int(m.get("bytes") or 0) for m in models) + need > budget
-        return bool
+
+        def choose(others: dict[str, list[dict[str, Any]]]) -> list[str]:
+            if policy == "keep":
+                return []
+            if policy != "budget" or budget <= 0:
+                return sorted(others)
+            sizes = {i: sum(int(m.get("bytes") or 0) for m in models) for i, models in others.items()}
+            mine = sum(int(m["bytes"]) for m in self.holding() if m["key"] != getattr(slot, "key", None))
+            total = sum(sizes.values()) + mine + (slot.size_hint() if slot is not None else 0)
+            chosen = []
+            for instance in sorted(sizes, key=sizes.get, reverse=True):
+                if total <= budget:
+                    break
+                chosen.append(instance)
+                total -= sizes[instance]
+            return chosen
+
+        return choose
 
     @contextmanager
     def turn(self, target: str, slot: Slot | None) -> Iterator[None]:
         """Hold the cluster-wide switch while this process switches to `target`."""
-        with self.cluster.switching(target, self.conflicts(slot)) as turn:
+        with self.cluster.switching(target, self.chooser(slot)) as turn:
             self.last_turn = {"target": target, **turn}
             yield
 
@@ -67,8 +86,11 @@ class PeerCoordination:
             if slot.engine.is_loaded():
                 self.manager._unload(slot, f"peer:{asker}")
                 released.append(slot.key)
-        if released:
-            self.manager.last_switch = None
+        last = self.manager.last_switch
+        if last and self.manager.current_kind not in (None, "local"):
+            released.append(last["to"])  # the next request for it switches again, through the cluster
+        self.manager.last_switch = None
+        self.manager.current_kind = None
         return released
 
     def status(self) -> dict[str, Any]:
