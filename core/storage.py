@@ -123,11 +123,11 @@ class ChatStore:
         #: This process's instance: written on the streaming answers it creates.
         self.instance_id = new_id()
         self.host = socket.gethostname()
-        now = time.time()
         self.db.execute(
-            "INSERT INTO instances (id, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,?)",
-            (self.instance_id, self.host, os.getpid(), now, now),
+            f"INSERT INTO instances (id, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,{self._now})",
+            (self.instance_id, self.host, os.getpid(), time.time()),
         )
+        self._beat_at = time.monotonic()  # this instance's last heartbeat that reached the database
         self.kv = KeyValueStore(self.db)
 
     def _run(self, sql: str, args: tuple = ()) -> list[dict]:
@@ -271,13 +271,20 @@ class ChatStore:
         )
 
     # -- instances: who streams what -------------------------------------------------------------
+    @property
+    def _now(self) -> str:
+        """The database server's clock in SQL: heartbeats and the staleness cut-off are both read from
+        it, so processes on hosts whose clocks disagree never take each other for dead."""
+        if self.dialect == "postgresql":
+            return "EXTRACT(EPOCH FROM clock_timestamp())"
+        return "((julianday('now') - 2440587.5) * 86400.0)"
+
     def heartbeat(self) -> None:
         """Tell sibling processes this instance is alive (its streaming answers are not to be repaired)."""
-        now = time.time()
         self.db.execute(
-            "INSERT INTO instances (id, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,?) "
+            f"INSERT INTO instances (id, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,{self._now}) "
             "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-            (self.instance_id, self.host, os.getpid(), now, now),
+            (self.instance_id, self.host, os.getpid(), time.time()),
         )
 
     def mark_interrupted(self, stale_after_s: float | None = None) -> int:
@@ -298,11 +305,13 @@ class ChatStore:
                 )
         siblings = self.db.query("SELECT id, pid FROM instances WHERE host=? AND id<>?", (self.host, self.instance_id))
         dead = [r["id"] for r in siblings if not _pid_alive(int(r["pid"]))]
-        cutoff = time.time() - stale_after_s
         with self.db.transaction() as tx:
             for instance in dead:
                 tx.execute("DELETE FROM instances WHERE id=?", (instance,))
-            tx.execute("DELETE FROM instances WHERE heartbeat_at < ? AND id<>?", (cutoff, self.instance_id))
+            tx.execute(
+                f"DELETE FROM instances WHERE heartbeat_at < {self._now} - ? AND id<>?",
+                (stale_after_s, self.instance_id),
+            )
             return tx.execute(
                 "UPDATE messages SET status='incomplete' WHERE status='streaming' AND (instance_id IS NULL OR "
                 "(instance_id <> ? AND instance_id NOT IN (SELECT id FROM instances)))",
@@ -311,8 +320,17 @@ class ChatStore:
 
     def sweep(self, stale_after_s: float = STALE_AFTER_S) -> int:
         """The periodic step for a shared database (call every few seconds from a green thread):
-        heartbeat, then repair the streaming answers of instances gone since. Logs only a change."""
+        heartbeat, then repair the streaming answers of instances gone since. Logs only a change.
+
+        After this instance could not reach the database for longer than `stale_after_s` (an outage
+        that may have stopped every sibling's heartbeat too), it only heartbeats this round: the
+        siblings get one sweep to heartbeat again before anyone is taken for dead."""
+        cut_off = time.monotonic() - self._beat_at > stale_after_s
         self.heartbeat()
+        self._beat_at = time.monotonic()
+        if cut_off:
+            log.info("event=history_repair_deferred reason=database_was_unreachable")
+            return 0
         repaired = self.mark_interrupted(stale_after_s)
         if repaired:
             log.warning("event=history_repair messages_marked_incomplete=%d reason=instance_gone", repaired)

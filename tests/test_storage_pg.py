@@ -160,6 +160,26 @@ def test_a_live_siblings_stream_is_spared_and_a_stale_ones_is_repaired(postgres_
     newcomer.close()
 
 
+def test_after_an_outage_of_the_database_nobody_is_taken_for_dead_at_once(postgres_url):
+    """The database was away longer than the stale time: every sibling missed its heartbeats. The
+    first sweep after it comes back only heartbeats; a sibling that still does not, is repaired next."""
+    sibling = ChatStore(postgres_url)
+    chat = sibling.create_chat("t", "m")
+    sibling.add_message(chat, "assistant", "", "m", "streaming")
+    sweeper = ChatStore(postgres_url)
+    old = "UPDATE instances SET heartbeat_at = heartbeat_at - 120 WHERE id = ?"
+    sibling.db.execute(old, (sibling.instance_id,))
+    sweeper._beat_at -= 120  # its own heartbeats failed for two minutes too
+    assert sweeper.sweep(stale_after_s=30) == 0
+    assert sweeper.messages(chat)[0]["status"] == "streaming"
+    sibling.heartbeat()  # the sibling is back within one sweep: spared
+    assert sweeper.sweep(stale_after_s=30) == 0
+    sibling.db.execute(old, (sibling.instance_id,))  # this one stays silent: repaired
+    assert sweeper.sweep(stale_after_s=30) == 1
+    sibling.close()
+    sweeper.close()
+
+
 def test_rows_from_before_instances_and_dead_processes_on_this_host_are_repaired(postgres_url):
     store = ChatStore(postgres_url)
     chat = store.create_chat("t", "m")
