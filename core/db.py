@@ -232,7 +232,7 @@ class PostgresDatabase(Database):
         self._closed = False
         try:  # fail now, with a clear error, when the server cannot be reached
             self._put(self._take())
-        except (self._pg.Error, OSError) as exc:  # the message names host, port and database, never the password
+        except self._pg.Error as exc:  # refused (e.g. authentication); unreachable is _take's DatabaseUnavailable
             raise DatabaseUnavailable(
                 f"cannot open the database {self.target.public()} (database_url): {_reason(exc)}"
             ) from None

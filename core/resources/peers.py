@@ -39,10 +39,15 @@ class PeerCoordination:
             for s in self.manager.slots_of_role("chat")
             if s.engine.is_loaded()
         ]
-        last = self.manager.last_switch
-        if last and self.manager.current_kind not in (None, "local"):
-            held.append({"model": last["to"], "key": last["to"], "bytes": 0, "external": True})
+        external = self.external_target()
+        if external:
+            held.append({"model": external, "key": external, "bytes": 0, "external": True})
         return held
+
+    def external_target(self) -> str | None:
+        """The other runtime's model this process last switched to (None: it last switched locally)."""
+        last = self.manager.last_switch
+        return last["to"] if last and self.manager.current_kind not in (None, "local") else None
 
     def chooser(self, slot: Slot | None) -> Callable[[dict[str, list[dict[str, Any]]]], list[str]]:
         """Which other processes must release before `slot` (None: an external model) runs, by policy:
@@ -86,9 +91,9 @@ class PeerCoordination:
             if slot.engine.is_loaded():
                 self.manager._unload(slot, f"peer:{asker}")
                 released.append(slot.key)
-        last = self.manager.last_switch
-        if last and self.manager.current_kind not in (None, "local"):
-            released.append(last["to"])  # the next request for it switches again, through the cluster
+        external = self.external_target()
+        if external:
+            released.append(external)  # the next request for it switches again, through the cluster
         self.manager.last_switch = None
         self.manager.current_kind = None
         return released
