@@ -76,8 +76,9 @@ def ollama():
 @pytest.fixture(scope="module")
 def tserver(model_dir, tmp_path_factory, ollama):
     # The transformers runtime, one stream at a time: translations must queue behind a chat on the
-    # same engine, and its bf16 model translates the greeting faithfully (the Q4_1 GGUF on llama.cpp
-    # turns "Good morning, my friend." into "Je m'aime.").
+    # same engine. The greeting is the short one: "Good morning, my friend." sits on a knife's edge
+    # for this 135M model (bf16 here says "Bonjour, merci.", float32 or another CPU's bf16 kernels
+    # say "Je m'aime."), while "Good morning." comes out "Bonjour." in both precisions.
     env = {
         "SWITCHBOARD_TRANSLATION_MAX_CHARS": str(MAX_CHARS),
         "OLLAMA_HOST": ollama.url,
@@ -169,7 +170,7 @@ def test_a_request_id_that_is_not_valid_is_refused_without_echoing_it(tserver, c
 
 @pytest.mark.slow
 def test_the_local_model_translates_on_socketio_and_rest_with_the_chat_engine(tserver, client):
-    name, done, deltas = translate(client, {"text": "Good morning, my friend.", "target": "fr", "request_id": "rt-1"})
+    name, done, deltas = translate(client, {"text": "Good morning.", "target": "fr", "request_id": "rt-1"})
     assert name == "translation_done", done
     assert client.of("translation_started")[0] == {
         "request_id": "rt-1",
@@ -182,7 +183,7 @@ def test_the_local_model_translates_on_socketio_and_rest_with_the_chat_engine(ts
     assert (done["finish_reason"], done["target"], done["model"]) == ("stop", "fr", BUNDLED_ID)
     assert done["usage"]["completion_tokens"] > 0 and done["usage"]["prompt_tokens"] > 0
 
-    response = post_translate(tserver, {"text": "Good morning, my friend.", "target": "fr"})
+    response = post_translate(tserver, {"text": "Good morning.", "target": "fr"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["translation"] == done["text"], "greedy: the same text over REST as over Socket.IO"
