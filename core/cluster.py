@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from core.errors import Busy, ClusterUnavailable
+from core.outage import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -115,36 +116,27 @@ class Cluster:
             log.warning("event=cluster_leave_failed instance=%s", self.instance)
 
     def _heartbeat(self) -> None:
-        failing = False
+        outage = OutageLog(log, "cluster_redis_unreachable", "cluster_redis_back", instance=self.instance)
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 self.publish_holding()
-                if failing:
-                    log.info("event=cluster_redis_back instance=%s", self.instance)
-                failing = False
+                outage.ok()
             except Exception as exc:
-                if not failing:  # one line when Redis goes away, one when it is back
-                    log.warning(
-                        "event=cluster_redis_unreachable instance=%s error=%s", self.instance, type(exc).__name__
-                    )
-                failing = True
+                outage.failed(exc)
 
     def _listen(self) -> None:
-        failing = False
+        outage = OutageLog(log, "cluster_listener_error", None, instance=self.instance)  # the heartbeat says "back"
         while not self._stop.is_set():
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self._release_channel)
-                failing = False
+                outage.ok()
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
                         self._handle_release(json.loads(message["data"]))
             except Exception as exc:
-                if not failing:  # the heartbeat says when Redis is back
-                    error = type(exc).__name__
-                    log.warning("event=cluster_listener_error instance=%s error=%s", self.instance, error)
-                failing = True
+                outage.failed(exc)
                 self._stop.wait(1.0)
 
     def _handle_release(self, request: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from core.metrics import Metrics, live_gauges
 from core.models.cache import ModelCache
 from core.models.downloads import DownloadManager
 from core.models.manager import ModelManager
+from core.outage import OutageLog
 from core.providers.base import Provider
 from core.providers.local import LocalProvider, LocalRuntimes
 from core.registry import ModelRegistry
@@ -144,19 +145,15 @@ def start_shared_state_sweeper(services: Services, every_s: float = SHARED_SWEEP
     profiles = services.resources.arbiter.profiles
 
     def loop() -> None:
-        failing = False
+        outage = OutageLog(log, "shared_sweep_failed", "shared_sweep_back")
         while not stopped.wait(every_s):
             try:
                 shared_state_sweep(services.store, profiles, services.settings.instance_stale_s)
-                if failing:
-                    log.info("event=shared_sweep_back")
-                failing = False
+                outage.ok()
             except Exception as exc:
                 if stopped.is_set():
                     return
-                if not failing:  # one line when the database goes away, one when it is back
-                    log.warning("event=shared_sweep_failed error=%s", type(exc).__name__)
-                failing = True
+                outage.failed(exc)
 
     threading.Thread(target=loop, name="shared-state", daemon=True).start()
 
