@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from core.errors import BadRequest
+from core.pg_url import BadDatabaseUrl, PgTarget
 
 RESERVED_CONNECTION_KEYS = ("local", "ollama")
 #: Servers whose memory Switchboard can free (core.providers.memory_control).
@@ -546,8 +547,11 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
         raise BadRequest("setting redis_url: use redis://host:port/db, rediss://… or unix://…")
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", settings.redis_channel):
         raise BadRequest("setting redis_channel: 1-64 letters, digits, '_', '.' or '-'")
-    if settings.database_url and not settings.database_url.startswith(("postgresql://", "postgres://")):
-        raise BadRequest("setting database_url: use postgresql://user:pass@host:port/db")
+    if settings.database_url:
+        try:
+            PgTarget.parse(settings.database_url).ssl_argument()
+        except BadDatabaseUrl as exc:
+            raise BadRequest(f"setting database_url: {exc}") from None
     if settings.ollama_host and "://" not in settings.ollama_host:
         settings.ollama_host = "http://" + settings.ollama_host
     settings.ollama_hosts = [h if "://" in h else "http://" + h for h in settings.ollama_hosts]

@@ -28,13 +28,12 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from core.concurrency import os_lock
 from core.errors import DatabaseUnavailable
+from core.pg_url import BadDatabaseUrl, PgTarget
 
 log = logging.getLogger(__name__)
 
@@ -180,38 +179,10 @@ class SqliteDatabase(Database):
                 self._closed = True
 
 
-@dataclass
-class PgTarget:
-    user: str
-    password: str | None
-    host: str
-    port: int
-    database: str
-    ssl: bool
-
-    @classmethod
-    def parse(cls, url: str) -> PgTarget:
-        """postgresql://user:pass@host:port/db[?sslmode=require]"""
-        parts = urlsplit(url)
-        query = parse_qs(parts.query)
-        return cls(
-            user=unquote(parts.username or "postgres"),
-            password=unquote(parts.password) if parts.password is not None else None,
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or 5432,
-            database=unquote(parts.path.lstrip("/")) or "postgres",
-            ssl=query.get("sslmode", ["disable"])[0] in ("require", "verify-ca", "verify-full"),
-        )
-
-    def public(self) -> str:
-        """The url without its password (for logs)."""
-        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
-
-
 def _reason(exc: BaseException) -> str:
     """pg8000's own words for a failed connect (server messages carry no secrets), shortened."""
     args = exc.args[0] if exc.args else exc
-    text = args.get("M", str(args)) if isinstance(args, dict) else str(args)
+    text = args.get("M", str(args)) if isinstance(args, dict) else args if isinstance(args, str) else str(exc)
     return f"{type(exc).__name__}: {text}"[:300]
 
 
@@ -224,7 +195,11 @@ class PostgresDatabase(Database):
         import pg8000.native  # only here: without database_url pg8000 is never imported
 
         self._pg = pg8000.native
-        self.target = PgTarget.parse(url)
+        try:
+            self.target = PgTarget.parse(url)
+            self._ssl = self.target.ssl_argument()
+        except BadDatabaseUrl as exc:
+            raise DatabaseUnavailable(f"cannot open the database (database_url): {exc}") from None
         self.max_size = max_size
         self._idle: list[Any] = []
         self._open = 0
@@ -244,11 +219,12 @@ class PostgresDatabase(Database):
             t.user,
             host=t.host,
             port=t.port,
+            unix_sock=t.unix_sock,
             database=t.database,
             password=t.password,
-            ssl_context=True if t.ssl else None,
+            ssl_context=self._ssl,
             application_name="switchboard",
-            timeout=60,
+            timeout=t.connect_timeout,
         )
 
     def _take(self) -> Any:

@@ -1,6 +1,7 @@
 """A throwaway PostgreSQL server for tests: Debian's binaries, a temp cluster, a free port.
 
-`start_postgres(tmp_dir) -> (url, stop)` starts one server; the session fixture `postgres_server`
+`start_postgres(tmp_dir) -> (url, stop)` starts one server (`launch_postgres` also tells its socket
+directory and can turn TLS on); the session fixture `postgres_server`
 starts it once, and `postgres_url` gives each test a fresh database on it (CREATE DATABASE), so
 tests (and the multi-process tests that reuse it) never see each other's rows. PostgreSQL refuses
 to run as root, so the cluster directory belongs to the `postgres` user and the server runs as it.
@@ -18,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,10 +47,22 @@ def _as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
+@dataclass
+class PgServer:
+    url: str  # database `postgres` as user `switchboard` over TCP, trust auth, no password
+    socket_dir: Path  # where its Unix socket lives
+    stop: Callable[[], None]
+
+
 def start_postgres(tmp_dir: Path, timeout: float = 30.0) -> tuple[str, Callable[[], None]]:
+    """Start a PostgreSQL server with a fresh cluster; returns its url and a function that stops it."""
+    server = launch_postgres(tmp_dir, timeout)
+    return server.url, server.stop
+
+
+def launch_postgres(tmp_dir: Path, timeout: float = 30.0, tls: tuple[Path, Path] | None = None) -> PgServer:
     """Start a PostgreSQL server with a fresh cluster (under `tmp_dir`, or a /tmp dir of its own when we
-    are root); returns (url of database
-    `postgres` as user `switchboard`, trust auth, no password) and a function that stops it."""
+    are root); with `tls` (certificate, key files) it also speaks TLS."""
     bin_dir = pg_bin_dir()
     if os.geteuid() == 0:
         # pytest keeps its temp dirs private to root (and resets that at each session start), so the
@@ -70,6 +84,15 @@ def start_postgres(tmp_dir: Path, timeout: float = 30.0) -> tuple[str, Callable[
     if done.returncode:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"initdb failed: {done.stderr.strip()[-500:]}")
+    tls_options: list[str] = []
+    if tls:
+        for source, name in zip(tls, ("server.crt", "server.key"), strict=True):
+            shutil.copy(source, root / name)
+            os.chmod(root / name, 0o600)  # PostgreSQL refuses a key others can read
+            if os.geteuid() == 0:
+                shutil.chown(root / name, "postgres")
+        tls_options = ["-c", "ssl=on", "-c", f"ssl_cert_file={root / 'server.crt'}"]
+        tls_options += ["-c", f"ssl_key_file={root / 'server.key'}"]
     port = _free_port()
     log = open(root / "postgres.log", "ab")
     proc = subprocess.Popen(
@@ -92,6 +115,7 @@ def start_postgres(tmp_dir: Path, timeout: float = 30.0) -> tuple[str, Callable[
                 "full_page_writes=off",
                 "-c",
                 "max_connections=200",
+                *tls_options,
             ]
         ),
         stdout=log,
@@ -129,7 +153,7 @@ def start_postgres(tmp_dir: Path, timeout: float = 30.0) -> tuple[str, Callable[
         log.close()
         shutil.rmtree(root, ignore_errors=True)
 
-    return url, stop
+    return PgServer(url, sockets, stop)
 
 
 def _wait_ready(url: str, deadline: float) -> None:
