@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from core.errors import SwitchboardError
@@ -138,7 +138,7 @@ class Metrics:
         if action == "load" and info.get("expected"):
             self.memory_error.labels(info.get("model") or "?").set(int(info["measured"]) - int(info["expected"]))
 
-    def add_live(self, read: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
+    def add_live(self, read: Callable[[], Iterator[Metric]]) -> None:
         """Gauges read from the services at each scrape."""
         self.registry.register(_Live(read))
 
@@ -147,21 +147,21 @@ class Metrics:
 
 
 class _Live(Collector):
-    def __init__(self, read: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
+    def __init__(self, read: Callable[[], Iterator[Metric]]) -> None:
         self.read = read
 
     def describe(self) -> list:
         return []  # described at collect time: the label values come from live state
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         try:
             yield from self.read()
         except Exception:  # a scrape must never fail because one source did
             log.exception("event=metrics_live_failed")
 
 
-def live_gauges(services: Any) -> Iterator[GaugeMetricFamily]:
-    """Queue depth, streams in flight and resident models, read from the services now."""
+def live_gauges(services: Any) -> Iterator[Metric]:
+    """Queue depth, streams in flight, resident models and pool members, read from the services now."""
     depth = GaugeMetricFamily(f"{NS}_queue_depth", "Requests waiting for a turn on a model.", labels=["model"])
     running = GaugeMetricFamily(f"{NS}_streams_in_flight", "Streamed jobs running or queued now.", labels=["kind"])
     resident = GaugeMetricFamily(
@@ -193,3 +193,29 @@ def live_gauges(services: Any) -> Iterator[GaugeMetricFamily]:
     for runtime, n in sorted(per_runtime.items()):
         count.add_metric([runtime], n)
     yield from (depth, running, resident, count)
+    yield from pool_metrics(status.get("pools", {}))
+
+
+def pool_metrics(pools: dict[str, dict]) -> Iterator[Metric]:
+    """Each pool member's health, load and request counts, from the pools' own status (no credentials)."""
+    labels = ["pool", "member"]
+    healthy = GaugeMetricFamily(
+        f"{NS}_pool_member_healthy", "1 when a pool member takes requests, 0 while cooling down.", labels=labels
+    )
+    in_flight = GaugeMetricFamily(
+        f"{NS}_pool_member_in_flight", "Requests a pool member is serving now.", labels=labels
+    )
+    handled = CounterMetricFamily(
+        f"{NS}_pool_member_requests",
+        "Requests each pool member started answering (served), and its server faults (failed: refused, "
+        "timed out or broke off; each cooled it down, and one before the first token was retried elsewhere).",
+        labels=[*labels, "outcome"],
+    )
+    for key, pool in sorted(pools.items()):
+        for member in pool["members"]:
+            where = [key, member["url"]]
+            healthy.add_metric(where, 1 if member["healthy"] else 0)
+            in_flight.add_metric(where, member["in_flight"])
+            handled.add_metric([*where, "served"], member["served"])
+            handled.add_metric([*where, "failed"], member["failures"])
+    yield from (healthy, in_flight, handled)

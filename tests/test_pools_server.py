@@ -64,6 +64,11 @@ def test_two_llama_servers_one_killed_then_back(make_server, tmp_path):
         assert health[a.base_url]["healthy"] and health[a.base_url]["served"] == 20
         assert health[b.base_url]["failures"] >= 1
         assert health[b.base_url]["last_error"]["code"] in ("provider_unreachable", "stream_interrupted")
+        scrape = srv.get("/metrics").text
+        assert f'switchboard_pool_member_healthy{{member="{b.base_url}",pool="llama"}} 0.0' in scrape, scrape
+        assert f'switchboard_pool_member_healthy{{member="{a.base_url}",pool="llama"}} 1.0' in scrape
+        served_a = f'switchboard_pool_member_requests_total{{member="{a.base_url}",outcome="served",pool="llama"}}'
+        assert f"{served_a} 20.0" in scrape and KEY not in scrape
 
         with LlamaServer(api_key=KEY, port=b.port) as back:
             time.sleep(COOLDOWN_S + 0.5)
