@@ -29,7 +29,8 @@ from core.errors import (  # noqa: E402
     StreamInterrupted,
     SwitchboardError,
 )
-from core.providers.openai_compat import OpenAICompatProvider, display_url, retry_after_seconds  # noqa: E402
+from core.providers.http import display_url, retry_after_seconds  # noqa: E402
+from core.providers.openai_compat import OpenAICompatProvider  # noqa: E402
 from core.types import ChatOptions, Message, StreamResult  # noqa: E402
 
 KEY = f"sk-switchboard-test-{secrets.token_hex(12)}"

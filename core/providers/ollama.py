@@ -5,7 +5,6 @@ Uses plain `requests`; no Ollama client library. Every failure becomes a core.er
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import re
@@ -30,6 +29,7 @@ from core.errors import (
     SwitchboardError,
 )
 from core.providers.base import Provider, ProviderGroup
+from core.providers.http import retry_after_seconds
 from core.providers.watchdog import StreamWatchdog, requests_socket, timeout_error
 from core.reasoning import Reasoning
 from core.tools import ToolCallDelta
@@ -73,21 +73,6 @@ def keep_alive_value(raw: str) -> str | int | float:
     if re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+)", text):
         return float(text)
     return text
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
 
 
 def _error_text(resp: requests.Response) -> str:
@@ -178,7 +163,7 @@ class OllamaProvider(Provider):
         if status == 429:
             raise RateLimited(
                 f"Ollama at {self.host} is busy (429): {text}",
-                retry_after=_retry_after(resp.headers.get("Retry-After")),
+                retry_after=retry_after_seconds(resp.headers),
             )
         error = ProviderError(f"Ollama error {status}: {text}")
         error.upstream_status = status

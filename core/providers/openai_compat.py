@@ -7,14 +7,12 @@ connection's env var at call time and never leaves this module: not in ModelInfo
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
@@ -32,12 +30,14 @@ from core.errors import (
     SwitchboardError,
 )
 from core.providers.base import Provider, ProviderGroup
+from core.providers.http import display_url, retry_after_seconds
 from core.providers.memory_control import MemoryControl, memory_control
+from core.providers.openai_wire import adapted, cause_names, refused_parameter, response_format, status_detail
 from core.providers.watchdog import StreamWatchdog, httpx_socket, timeout_error
 from core.reasoning import Reasoning
 from core.redact import mask_secrets
 from core.tools import ToolCallDelta
-from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, OutputFormat, StreamResult, Usage
+from core.types import CancelToken, ChatOptions, Message, ModelId, ModelInfo, StreamResult, Usage
 
 log = logging.getLogger(__name__)
 
@@ -47,93 +47,6 @@ DISCOVERY_READ_TIMEOUT = 15.0  # seconds for GET /models once connected
 MAX_IDLE_CLIENTS = 4
 MESSAGE_LIMIT = 400  # characters of an error message, after the key is masked
 DETAIL_LIMIT = 300  # a model list's unavailability reason
-
-
-def display_url(url: str) -> str:
-    """The URL without user:password or query, fit to show to a person."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def retry_after_seconds(headers: Any) -> float | None:
-    """Seconds to wait from retry-after-ms or Retry-After (seconds or an HTTP date); None if absent."""
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = (headers or {}).get(name)
-        if not value:
-            continue
-        try:
-            return max(float(value) * scale, 0.0)
-        except ValueError:
-            pass
-        try:
-            return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
-        except (TypeError, ValueError):
-            continue
-    return None
-
-
-def _cause_names(exc: BaseException) -> set[str]:
-    """Class names along the exception's cause chain (the SDK wraps httpx's errors)."""
-    names, seen = set(), 0
-    current: BaseException | None = exc
-    while current is not None and seen < 10:
-        names.add(type(current).__name__)
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return names
-
-
-def _status_detail(exc: openai.APIStatusError) -> str:
-    """The server's own error text from an HTTP error body (whole: `_scrub` masks the key, then shortens)."""
-    body, text = exc.body, None
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        text = (error.get("message") or error.get("detail")) if isinstance(error, dict) else error
-        text = text or body.get("detail") or body.get("message")
-    elif isinstance(body, str):
-        text = body
-    return str(text or "").strip().replace("\n", " ")
-
-
-# Parameters a model may refuse while taking the request without them: dropped, or (max_tokens) renamed.
-ADAPTABLE = ("stream_options", "max_tokens", "temperature", "top_p")
-
-
-def _refused_parameter(exc: openai.APIStatusError, params: dict[str, Any]) -> str | None:
-    """The parameter a 400 refuses, when the request can go again without it (else None).
-
-    OpenAI names it in the error's `param` with code `unsupported_parameter` / `unsupported_value`;
-    servers that predate `stream_options` only say so in the message.
-    """
-    param, code = getattr(exc, "param", None), getattr(exc, "code", None)
-    if param in ADAPTABLE and param in params and code in ("unsupported_parameter", "unsupported_value"):
-        return param
-    if "stream_options" in params and "stream_options" in f"{_status_detail(exc)} {exc.message}":
-        return "stream_options"
-    return None
-
-
-def _adapted(params: dict[str, Any], refused: tuple[str, ...]) -> dict[str, Any]:
-    """`params` without the refused parameters (`max_tokens` becomes `max_completion_tokens`)."""
-    out = dict(params)
-    for name in refused:
-        value = out.pop(name, None)
-        if name == "max_tokens" and value is not None:
-            out["max_completion_tokens"] = value
-    return out
-
-
-def response_format(output: OutputFormat) -> dict[str, Any]:
-    """OpenAI's `response_format` for a constrained output."""
-    if output.kind == "json_object":
-        return {"type": "json_object"}
-    spec: dict[str, Any] = {"name": output.name or "response", "schema": output.schema}
-    if output.strict is not None:
-        spec["strict"] = output.strict
-    return {"type": "json_schema", "json_schema": spec}
 
 
 class OpenAICompatProvider(Provider):
@@ -283,7 +196,7 @@ class OpenAICompatProvider(Provider):
 
     def _discovery_reason(self, exc: Exception, key: str) -> str:
         if isinstance(exc, openai.APITimeoutError):
-            if "ConnectTimeout" in _cause_names(exc):
+            if "ConnectTimeout" in cause_names(exc):
                 return f"not reachable at {self.url} (no connection within {self.settings.connect_timeout:g} s)"
             return f"no answer from {self.url}/models within {DISCOVERY_READ_TIMEOUT:g} s"
         if isinstance(exc, openai.APIConnectionError):
@@ -293,7 +206,7 @@ class OpenAICompatProvider(Provider):
         if isinstance(exc, openai.NotFoundError):
             return f"{self.url}/models answered 404: list the models with models = [...] in the config"
         if isinstance(exc, openai.APIStatusError):
-            detail = _status_detail(exc)
+            detail = status_detail(exc)
             return self._scrub(
                 f"GET {self.url}/models failed (HTTP {exc.status_code}){': ' + detail if detail else ''}",
                 key,
@@ -433,17 +346,17 @@ class OpenAICompatProvider(Provider):
         `max_completion_tokens` instead of `max_tokens` and their default temperature and top_p.
         """
         model = params["model"]
-        params = _adapted({**params, "stream_options": {"include_usage": True}}, self._refused.get(model, ()))
+        params = adapted({**params, "stream_options": {"include_usage": True}}, self._refused.get(model, ()))
         while True:
             try:
                 return client.chat.completions.create(**params)
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-                refused = _refused_parameter(exc, params)
+                refused = refused_parameter(exc, params)
                 if refused is None:
                     raise
                 log.info("event=openai_parameter_refused connection=%s model=%s param=%s", self.key, model, refused)
                 self._refused[model] = (*self._refused.get(model, ()), refused)
-                params = _adapted(params, (refused,))
+                params = adapted(params, (refused,))
 
     # -- embeddings ------------------------------------------------------------------------------
     def embed(self, model: ModelInfo, texts: list[str]) -> tuple[list[list[float]], int]:
@@ -469,7 +382,7 @@ class OpenAICompatProvider(Provider):
         self, exc: openai.OpenAIError, model: ModelInfo, key: str, *, streaming: bool, chunks: int = 0
     ) -> SwitchboardError:
         """The core.errors type for an SDK failure, with a message a person can act on (key scrubbed)."""
-        name, causes = self.display_name, _cause_names(exc)
+        name, causes = self.display_name, cause_names(exc)
         error: SwitchboardError
         if isinstance(exc, openai.APITimeoutError):
             if "ConnectTimeout" in causes:
@@ -494,7 +407,7 @@ class OpenAICompatProvider(Provider):
                 hint = f"check {self.conn.env}"
             error = AuthFailed(f"{name} rejected the API key (HTTP {exc.status_code}): {hint}")
         elif isinstance(exc, openai.NotFoundError):
-            detail = _status_detail(exc)
+            detail = status_detail(exc)
             error = ModelNotFound(
                 f"{name} has no model {model.native_name!r} (HTTP 404{': ' + detail if detail else ''})"
             )
@@ -503,7 +416,7 @@ class OpenAICompatProvider(Provider):
             when = f"; retry after {wait:g} s" if wait is not None else "; try again later"
             error = RateLimited(f"{name} is rate-limiting requests (HTTP 429){when}", retry_after=wait)
         elif isinstance(exc, openai.APIStatusError):
-            detail = _status_detail(exc)
+            detail = status_detail(exc)
             what = "failed" if exc.status_code >= 500 else "rejected the request"
             error = ProviderError(f"{name} {what} (HTTP {exc.status_code}){': ' + detail if detail else ''}")
         elif isinstance(exc, openai.APIError):

@@ -30,7 +30,7 @@ from core.errors import (
     SwitchboardError,
 )
 from core.providers.base import Provider, ProviderGroup
-from core.providers.openai_compat import display_url
+from core.providers.http import display_url
 from core.types import CancelToken, ChatOptions, Message, ModelInfo, StreamResult
 
 log = logging.getLogger(__name__)
