@@ -296,6 +296,8 @@ class ChatService:
         self.runner = runner or JobRunner()
         self.knowledge = knowledge
         self.resources = resources
+        #: Joins and stops for chats answering on another process (core.relay; with redis_url).
+        self.relay: Any = None
 
     # -- accepting a request ---------------------------------------------------------------------
     def _defaults(self) -> ChatOptions:
@@ -326,7 +328,7 @@ class ChatService:
         if chat_id is not None:
             if not self.store.chat_exists(chat_id):
                 raise NotFound(f"chat {chat_id} does not exist")
-            if self.runner.is_running(ChatJob.kind, chat_id):
+            if self.is_answering(chat_id):
                 raise _busy()
         else:
             chat_id = self.store.create_chat(content.strip().splitlines()[0], model.id)
@@ -392,23 +394,28 @@ class ChatService:
             job.audience.add(sink)
             log.info("event=chat_joined chat=%s message=%s next_index=%d", chat_id, job.message_id, job.pieces_sent)
             return
+        if self.relay is not None and self.relay.join_elsewhere(chat_id, sink):
+            return  # the process answering it sends `joined` and the live events
         answers = [m for m in self.store.messages(chat_id) if m["role"] == "assistant"]
         sink.emit("joined", {"chat_id": chat_id, "streaming": False, "message": answers[-1] if answers else None})
 
     def is_answering(self, chat_id: str) -> bool:
-        return self.runner.is_running(ChatJob.kind, chat_id)
+        """Whether the chat is answering here, or on another process sharing the database."""
+        return self.runner.is_running(ChatJob.kind, chat_id) or self.store.streaming_elsewhere(chat_id)
 
     def stop(self, chat_id: Any) -> bool:
         """Ask a running answer to end; True if one was running."""
         if not isinstance(chat_id, str) or not self.store.chat_exists(chat_id):
             raise NotFound(f"chat {chat_id!r} does not exist")
-        return self.runner.stop(ChatJob.kind, chat_id)
+        if self.runner.stop(ChatJob.kind, chat_id):
+            return True
+        return self.relay is not None and self.relay.stop_elsewhere(chat_id)
 
     def reset(self, chat_id: Any) -> None:
         """Start a fresh context for the chat (history stays visible)."""
         if not isinstance(chat_id, str) or not self.store.chat_exists(chat_id):
             raise NotFound(f"chat {chat_id!r} does not exist")
-        if self.runner.is_running(ChatJob.kind, chat_id):
+        if self.is_answering(chat_id):
             raise Busy("this chat is still answering; stop it before resetting")
         self.store.reset_context(chat_id)
         log.info("event=chat_reset chat=%s", chat_id)

@@ -13,6 +13,8 @@ itself), and before loading asks the other processes that hold chat models to re
 - `switchboard:<channel>:release` — a pub/sub channel: "instance X, release your chat models for Y".
   The holder releases once its running answers end (the ordinary lease wait), then rewrites its
   resident key; the asker polls those keys until nothing conflicting is left.
+- `switchboard:<channel>:relay` — a pub/sub channel for chats answering on another process: "send
+  chat X's answer to this client too", "stop chat X" (core.relay).
 
 Every Redis call here runs on the event loop: redis-py is pure Python, so its sockets are green under
 eventlet and waiting for the lock or a release never blocks other clients.
@@ -61,6 +63,8 @@ class Cluster:
         self.holding: Callable[[], list[dict[str, Any]]] = list
         #: Called (on the listener's green thread) when another instance asks for our chat models.
         self.on_release: Callable[[str], list[str]] = lambda asker: []
+        #: Called (on a green thread of its own) with each message on the relay channel (core.relay).
+        self.on_relay: Callable[[dict[str, Any]], None] = lambda message: None
         self._stop = threading.Event()
 
     # -- keys -------------------------------------------------------------------------------------
@@ -74,6 +78,17 @@ class Cluster:
     @property
     def _release_channel(self) -> str:
         return f"{self.prefix}:release"
+
+    @property
+    def _relay_channel(self) -> str:
+        return f"{self.prefix}:relay"
+
+    def relay(self, message: dict[str, Any]) -> None:
+        """Publish `message` to every instance's `on_relay` (this one's too), with our id as "from"."""
+        try:
+            self.redis.publish(self._relay_channel, json.dumps({**message, "from": self.instance}))
+        except self._redis_errors as exc:
+            raise self.unavailable(exc) from None
 
     # -- membership -------------------------------------------------------------------------------
     def publish_holding(self) -> None:
@@ -129,15 +144,30 @@ class Cluster:
         while not self._stop.is_set():
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self._release_channel)
+                pubsub.subscribe(self._release_channel, self._relay_channel)
                 outage.ok()
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
-                    if message and message.get("type") == "message":
+                    if not message or message.get("type") != "message":
+                        continue
+                    if message["channel"].decode() == self._relay_channel:
+                        self._dispatch_relay(json.loads(message["data"]))
+                    else:
                         self._handle_release(json.loads(message["data"]))
             except Exception as exc:
                 outage.failed(exc)
                 self._stop.wait(1.0)
+
+    def _dispatch_relay(self, message: dict[str, Any]) -> None:
+        """Each relay message on a green thread of its own: handling one may publish or wait."""
+
+        def handle() -> None:
+            try:
+                self.on_relay(message)
+            except Exception:
+                log.exception("event=cluster_relay_failed instance=%s type=%s", self.instance, message.get("type"))
+
+        threading.Thread(target=handle, name="cluster-relay", daemon=True).start()
 
     def _handle_release(self, request: dict[str, Any]) -> None:
         if request.get("to") != self.instance:

@@ -27,6 +27,7 @@ from core.outage import OutageLog
 from core.providers.base import Provider
 from core.providers.local import LocalProvider, LocalRuntimes
 from core.registry import ModelRegistry
+from core.relay import ChatRelay
 from core.resources.estimate import MemoryProfiles
 from core.resources.manager import ResourceManager
 from core.router import Router
@@ -198,6 +199,8 @@ def build_services(
     resources.demand = runner.admission.waiting  # the swap-aware queue counts requests waiting per model
     knowledge = KnowledgeService(settings, resources=resources, database=database)
     chat = ChatService(store, router, settings, runner, knowledge=knowledge, resources=resources)
+    if cluster is not None:
+        chat.relay = ChatRelay(cluster, chat)
     translation = TranslationService(settings, router, local, runner, resources=resources)
     try:  # downloads run in real OS threads, never on the eventlet hub
         downloads = DownloadManager.from_settings(settings, spawn=lambda fn: start_os_thread(fn, name="model-download"))

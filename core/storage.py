@@ -279,6 +279,16 @@ class ChatStore:
             return "EXTRACT(EPOCH FROM clock_timestamp())"
         return "((julianday('now') - 2440587.5) * 86400.0)"
 
+    def streaming_elsewhere(self, chat_id: str) -> bool:
+        """Whether another live instance is streaming an answer into the chat (a shared database; on
+        a process's own SQLite file every other instance's answers were repaired at start)."""
+        rows = self._run(
+            "SELECT 1 AS hit FROM messages WHERE chat_id=? AND status='streaming' AND instance_id<>? "
+            "AND instance_id IN (SELECT id FROM instances) LIMIT 1",
+            (chat_id, self.instance_id),
+        )
+        return bool(rows)
+
     def heartbeat(self) -> None:
         """Tell sibling processes this instance is alive (its streaming answers are not to be repaired)."""
         self.db.execute(

@@ -191,3 +191,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def cluster_env(redis_server: RedisServer, postgres_url: str) -> dict[str, str]:
+    """An empty Redis and a fresh PostgreSQL database (tests/pg_server.py) for each test: the
+    environment of a group of processes sharing state."""
+    redis_server.client.flushall()
+    return {"SWITCHBOARD_REDIS_URL": redis_server.url, "SWITCHBOARD_DATABASE_URL": postgres_url}

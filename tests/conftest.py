@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_harness import redis_server  # noqa: F401  (fixture: a real Redis)
+from tests.cluster_harness import cluster_env, redis_server  # noqa: F401  (fixtures: a real Redis, shared state)
 from tests.helpers import ServerProcess
 from tests.pg_server import postgres_server, postgres_url  # noqa: F401  (fixtures: a real PostgreSQL)
 

@@ -12,18 +12,11 @@ import time
 import pytest
 import requests
 
-from tests.cluster_harness import NginxProxy, RedisServer, StreamPeer, kill_hard, peer_config, start_group
+from tests.cluster_harness import NginxProxy, StreamPeer, kill_hard, peer_config, start_group
 from tests.helpers import EventClient
 
 pytestmark = pytest.mark.slow
 MODEL = "peer:counter"
-
-
-@pytest.fixture
-def cluster_env(redis_server: RedisServer, postgres_url: str) -> dict[str, str]:
-    """An empty Redis and a fresh PostgreSQL database (tests/pg_server.py) for each test."""
-    redis_server.client.flushall()
-    return {"SWITCHBOARD_REDIS_URL": redis_server.url, "SWITCHBOARD_DATABASE_URL": postgres_url}
 
 
 def test_a_chat_started_on_one_process_is_listed_and_continued_on_the_other(tmp_path, cluster_env):

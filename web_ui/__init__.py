@@ -41,6 +41,7 @@ def create_app(
         openai_api,
         pages,
         resources_api,
+        sinks,
         socket_guard,
         sockets,
         streaming,
@@ -94,6 +95,9 @@ def create_app(
     broadcaster = models_api.init_app(app, socketio)  # its blueprint, handlers and event broadcasting
     models_changed.append(broadcaster.models_changed)
     sockets.init_socketio(socketio)
+    relay = app.extensions["switchboard"].chat.relay
+    if relay is not None:  # several processes: a join reaches an answer running on another one
+        relay.sink_for = sinks.RelayedSocketSink.from_address
     translate_sockets.init_socketio(socketio)
     socket_guard.init_socketio(socketio)
     auth.register_auth(app, socketio)

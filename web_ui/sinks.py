@@ -36,6 +36,11 @@ class SocketSink:
         self.sid = sid
         self.client = sid  # the job runner cancels a job whose clients all left (core.jobs.Audience)
 
+    @property
+    def address(self) -> dict[str, str]:
+        """What another process needs to reach this client (core.relay): its session id."""
+        return {"sid": self.sid}
+
     def emit(self, event: str, payload: dict) -> None:
         # The client that asked is connected to this process: straight to it, never through the
         # message queue (every process would decode every token of every stream).
@@ -43,6 +48,46 @@ class SocketSink:
 
     def fail(self, error: SwitchboardError, about: dict) -> None:
         socketio.emit("error", Failure(error, about).socket_payload(), to=self.sid, ignore_queue=True)
+
+
+class RelayedSocketSink:
+    """Sends a job's events to a Socket.IO client connected to another process (it joined a chat
+    that answers here): through the message queue, where its session id reaches it.
+
+    Publishing to Redis is socket I/O, which may yield to the hub; a join relies on nothing else
+    running between its snapshot and joining the audience. So `emit` only queues, and a green
+    thread of the sink's own publishes in order."""
+
+    client = None  # its disconnect is seen by the other process only; the job ends as it would anyway
+    IDLE_S = 300.0  # a sink that heard nothing for this long is done (its job long ended)
+
+    def __init__(self, sid: str) -> None:
+        self.sid = sid
+        self.events: queue.Queue = queue.Queue()
+        socketio.start_background_task(self._publish)
+
+    @classmethod
+    def from_address(cls, address: dict[str, Any]) -> RelayedSocketSink:
+        sid = address.get("sid")
+        if not isinstance(sid, str) or not sid:
+            raise ValueError("a relayed sink needs the client's sid")
+        return cls(sid)
+
+    def emit(self, event: str, payload: dict) -> None:
+        self.events.put((event, payload))
+
+    def fail(self, error: SwitchboardError, about: dict) -> None:
+        self.events.put(("error", Failure(error, about).socket_payload()))
+
+    def _publish(self) -> None:
+        while True:
+            try:
+                event, payload = self.events.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                return
+            socketio.emit(event, payload, to=self.sid)
+            if event in ENDINGS or (event == "joined" and not payload.get("streaming")):
+                return
 
 
 class QueueSink:
