@@ -76,3 +76,45 @@ def test_a_client_of_the_other_process_joins_stops_and_is_refused_a_second_answe
         peer.stop()
     assert "event=chat_join_taken" in procs[0].log() and "event=chat_stop_taken" in procs[0].log()
     assert "event=chat_join_relayed" in procs[1].log() and "taken=True" in procs[1].log()
+
+
+@pytest.mark.browser
+def test_the_page_on_the_other_process_shows_the_answer_live_and_stops_it(tmp_path, cluster_env):
+    """Chromium opens the chat on the process that is not answering it: the page joins, the answer
+    grows live in its bubble, and the page's Stop ends it where it runs."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import CHROMIUM, FLAGS, wait_idle
+
+    peer = StreamPeer(delay=0.05)
+    procs = start_group(tmp_path, tmp_path / "models", 2, cluster_env, peer_config(peer.base_url))
+    client = EventClient(procs[0].url)
+    try:
+        client.emit("chat", {"model": MODEL, "content": "count", "options": {"max_new_tokens": 400}})
+        chat_id = client.wait_event("chat_started", timeout=30)[3]["chat_id"]
+        client.wait_for(lambda n, d: n == "delta" and d["index"] >= 3, timeout=30)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page()
+            page.goto(f"{procs[1].url}/#{chat_id}")
+            bubble = ".message.assistant .content"
+            page.wait_for_function(f"document.querySelector('{bubble}') && !document.querySelector('#stop').disabled")
+            first = len(page.locator(bubble).last.inner_text().split())
+            page.wait_for_function(
+                f"document.querySelector('{bubble}').textContent.trim().split(/\\s+/).length >= {first + 10}",
+                timeout=15000,
+            )
+            page.click("#stop")
+            wait_idle(page, timeout=15000)
+            shown = page.locator(bubble).last.inner_text().split()
+            browser.close()
+        done = client.wait_end(chat_id, timeout=15)[3]
+        assert done["finish_reason"] == "cancelled", done
+        seen = "".join(d["content"] for d in client.of("delta", chat_id)).split()
+        assert shown == seen[: len(shown)] and len(shown) >= first + 10, (shown, seen)
+        assert len(seen) < 400
+    finally:
+        client.close()
+        for proc in procs:
+            proc.stop()
+        peer.stop()
