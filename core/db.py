@@ -33,7 +33,7 @@ from typing import Any
 
 from core.concurrency import os_lock
 from core.errors import DatabaseUnavailable
-from core.pg_url import BadDatabaseUrl, PgTarget
+from core.pg_url import READ_TIMEOUT_S, BadDatabaseUrl, PgTarget
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class PostgresDatabase(Database):
 
     def _connect(self) -> Any:
         t = self.target
-        return self._pg.Connection(
+        con = self._pg.Connection(
             t.user,
             host=t.host,
             port=t.port,
@@ -223,9 +223,12 @@ class PostgresDatabase(Database):
             database=t.database,
             password=t.password,
             ssl_context=self._ssl,
-            application_name="switchboard",
+            application_name=t.application_name,
             timeout=t.connect_timeout,
         )
+        # pg8000's one timeout also bounds every read: the url's connect_timeout is for connecting.
+        con._usock.settimeout(READ_TIMEOUT_S)
+        return con
 
     def _take(self) -> Any:
         deadline = time.monotonic() + POOL_WAIT_S

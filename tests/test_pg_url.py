@@ -31,8 +31,15 @@ def test_a_tcp_url_with_an_encoded_password():
     )
     assert target.unix_sock is None and "s3cr" not in target.public()
     assert target.public() == "postgresql://sb@db.example:6543/chats"
-    assert PgTarget.parse("postgres://[::1]/x").host == "::1"
-    assert PgTarget.parse("postgres://[::1]:7000/x").public() == "postgresql://postgres@[::1]:7000/x"
+    assert PgTarget.parse("postgres://sb@[::1]/x").host == "::1"
+    assert PgTarget.parse("postgres://sb@[::1]:7000/x").public() == "postgresql://sb@[::1]:7000/x"
+    # libpq's readings: '+' stays a plus, query parameters win, the user names the default database.
+    plus = PgTarget.parse("postgresql://sb@db/x?password=a+b%2Bc&user=name@server&application_name=wiki")
+    assert (plus.password, plus.user, plus.application_name) == ("a+b+c", "name@server", "wiki")
+    assert PgTarget.parse("postgresql://sb@db").database == "sb"
+    assert PgTarget.parse("postgresql://sb@db/x").connect_timeout == 60.0
+    assert PgTarget.parse("postgresql://sb@db/x?connect_timeout=0").connect_timeout is None, "0: no limit"
+    assert PgTarget.parse("postgresql://sb@db/x?connect_timeout=1").connect_timeout == 2.0, "libpq: at least 2"
 
 
 @pytest.mark.parametrize(
@@ -61,6 +68,10 @@ def test_sslmode_means_what_it_means_in_libpq(tmp_path):
     assert require_with_root.verify_mode == ssl.CERT_REQUIRED, "libpq: require with a root certificate checks it"
     full = PgTarget.parse(f"{base}?sslmode=verify-full").ssl_argument()
     assert full.verify_mode == ssl.CERT_REQUIRED and full.check_hostname
+    system = PgTarget.parse(f"{base}?sslmode=verify-full&sslrootcert=system").ssl_argument()
+    assert system.verify_mode == ssl.CERT_REQUIRED and system.check_hostname
+    neon = PgTarget.parse(f"{base}?sslmode=require&channel_binding=require").ssl_argument()
+    assert neon is True, "pg8000 binds the channel by itself over TLS"
 
 
 @pytest.mark.parametrize(
@@ -69,9 +80,15 @@ def test_sslmode_means_what_it_means_in_libpq(tmp_path):
         (f"postgresql://sb:{ENCODED}@db:notaport/x", "port is not a number"),
         (f"postgresql://sb:{ENCODED}@db/x?sslmode=sometimes", "sslmode must be one of"),
         (f"postgresql://sb:{ENCODED}@db/x?sslmod=require", "unknown parameter(s) sslmod"),
-        (f"postgresql://sb:{ENCODED}@db/x?port=70000", "port must be 1-65535"),
+        (f"postgresql://sb:{ENCODED}@db/x?port=70000", "port must be a number from 1 to 65535"),
         (f"postgresql://sb:{ENCODED}@db/x?sslmode=verify-ca&sslrootcert=/nowhere/ca.pem", "cannot be read"),
         (f"mysql://sb:{ENCODED}@db/x", "use postgresql://"),
+        (f"POSTGRESQL://sb:{ENCODED}@db/x", "use postgresql://"),
+        ("postgresql://sb:s3cr?k9=x@db/x", "percent-encode"),
+        ("postgresql://sb:s3cr#t@db/x", "percent-encode"),
+        (f"postgresql://sb:{ENCODED}@db1,db2/x", "several hosts"),
+        (f"postgresql://sb:{ENCODED}@db/x?connect_timeout=nan", "connect_timeout"),
+        (f"postgresql://sb:{ENCODED}@db/x?channel_binding=require", "channel_binding=require needs TLS"),
     ],
 )
 def test_a_bad_url_is_refused_at_start_naming_the_part_never_the_password(url, words, tmp_path):
@@ -79,7 +96,7 @@ def test_a_bad_url_is_refused_at_start_naming_the_part_never_the_password(url, w
         load_settings(environ={"SWITCHBOARD_DATABASE_URL": url, "SWITCHBOARD_DATA_DIR": str(tmp_path)})
     message = str(info.value)
     assert words in message and "setting database_url" in message, message
-    assert "s3cr" not in message and "%40" not in message
+    assert "s3cr" not in message and "%40" not in message and "k9" not in message
     with pytest.raises((BadDatabaseUrl, BadRequest)):
         PgTarget.parse(url).ssl_argument()
 
