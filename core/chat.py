@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.concurrency import run_blocking
 from core.config import Settings
@@ -26,6 +26,9 @@ from core.router import Router
 from core.storage import ChatStore, new_id
 from core.tools import ToolCallDelta, ToolCalls
 from core.types import ChatOptions, Message, ModelInfo, ToolCall
+
+if TYPE_CHECKING:
+    from core.relay import ChatRelay
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +300,7 @@ class ChatService:
         self.knowledge = knowledge
         self.resources = resources
         #: Joins and stops for chats answering on another process (core.relay; with redis_url).
-        self.relay: Any = None
+        self.relay: ChatRelay | None = None
 
     # -- accepting a request ---------------------------------------------------------------------
     def _defaults(self) -> ChatOptions:
@@ -336,8 +339,7 @@ class ChatService:
         self.runner.register(job, _busy)  # a second message racing this one gets `busy`, nothing stored
         try:
             role = "tool" if request.tool_call_id else "user"  # a tool's result continues the chat
-            self.store.add_message(chat_id, role, content, model.id, "complete", tool_call_id=request.tool_call_id)
-            self.store.add_message(chat_id, "assistant", "", model.id, "streaming", message_id=job.message_id)
+            self.store.add_turn(chat_id, role, content, model.id, job.message_id, tool_call_id=request.tool_call_id)
         except BaseException:
             self.runner.forget(job)
             raise

@@ -83,7 +83,7 @@ class Cluster:
     def _relay_channel(self) -> str:
         return f"{self.prefix}:relay"
 
-    def relay(self, message: dict[str, Any]) -> None:
+    def publish_relay(self, message: dict[str, Any]) -> None:
         """Publish `message` to every instance's `on_relay` (this one's too), with our id as "from"."""
         try:
             self.redis.publish(self._relay_channel, json.dumps({**message, "from": self.instance}))
@@ -150,10 +150,16 @@ class Cluster:
                     message = pubsub.get_message(timeout=1.0)
                     if not message or message.get("type") != "message":
                         continue
-                    if message["channel"].decode() == self._relay_channel:
-                        self._dispatch_relay(json.loads(message["data"]))
+                    try:
+                        body = json.loads(message["data"])
+                    except ValueError:
+                        body = None
+                    if not isinstance(body, dict):  # not ours: never let it end the subscription
+                        log.warning("event=cluster_message_ignored instance=%s", self.instance)
+                    elif message["channel"].decode() == self._relay_channel:
+                        self._dispatch_relay(body)
                     else:
-                        self._handle_release(json.loads(message["data"]))
+                        self._handle_release(body)
             except Exception as exc:
                 outage.failed(exc)
                 self._stop.wait(1.0)

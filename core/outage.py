@@ -10,7 +10,9 @@ class OutageLog:
     """One warning when a loop's work first fails, one info line when it works again, nothing while
     the state holds. Not thread-safe: each loop keeps its own."""
 
-    def __init__(self, logger: logging.Logger, failed_event: str, back_event: str | None = None, **fields: object):
+    def __init__(
+        self, logger: logging.Logger, failed_event: str, back_event: str | None = None, **fields: object
+    ) -> None:
         self.logger = logger
         self.failed_event = failed_event
         #: None when another loop already reports the recovery of the same peer.

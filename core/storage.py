@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from core.db import Database, KeyValueStore, Tx, open_database
+from core.errors import Busy
 from core.migrations import Migration, migrate, run_script
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,13 @@ MIGRATIONS = (
     Migration(1, "chats and messages", _base_schema),
     Migration(2, "instances owning streaming answers", _instances),
     Migration(3, "key/value state", _kv),
+)
+
+
+#: Answers another live instance is streaming into a chat (args: chat id, this instance's id).
+STREAMING_ELSEWHERE = (
+    "SELECT 1 AS hit FROM messages WHERE chat_id=? AND status='streaming' AND instance_id<>? "
+    "AND instance_id IN (SELECT id FROM instances) LIMIT 1"
 )
 
 
@@ -182,19 +190,44 @@ class ChatStore:
         Race-free across processes: on PostgreSQL the chat's row is locked (FOR UPDATE) before the
         next number is read, so two writers to one chat take turns; SQLite's write transaction
         excludes other writers of the file."""
-        message_id, now = message_id or new_id(), time.time()
+        message_id = message_id or new_id()
+        with self.db.transaction() as tx:
+            self._append(tx, chat_id, role, content, model, status, message_id, tool_call_id)
+        return message_id
+
+    def add_turn(
+        self, chat_id: str, role: str, content: str, model: str, answer_id: str, tool_call_id: str | None = None
+    ) -> None:
+        """A user's (or tool's) message and the empty `streaming` answer to it, in one transaction that
+        first checks, under the chat's row lock, that no other live instance is answering the chat:
+        two processes accepting a message into one chat at once cannot both go ahead (Busy)."""
         with self.db.transaction() as tx:
             tx.query("SELECT id FROM chats WHERE id=?" + tx.for_update, (chat_id,))
-            seq = tx.query("SELECT COALESCE(MAX(seq), 0) + 1 AS next FROM messages WHERE chat_id=?", (chat_id,))[0][
-                "next"
-            ]
-            tx.execute(
-                "INSERT INTO messages (id, chat_id, seq, role, content, model, status, created_at, tool_call_id, "
-                "instance_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (message_id, chat_id, seq, role, content, model, status, now, tool_call_id, self.instance_id),
-            )
-            tx.execute("UPDATE chats SET updated_at=?, model=COALESCE(?, model) WHERE id=?", (now, model, chat_id))
-        return message_id
+            if tx.query(STREAMING_ELSEWHERE, (chat_id, self.instance_id)):
+                raise Busy("this chat is still answering on another process; stop it or wait for it to finish")
+            self._append(tx, chat_id, role, content, model, "complete", new_id(), tool_call_id)
+            self._append(tx, chat_id, "assistant", "", model, "streaming", answer_id, None)
+
+    def _append(
+        self,
+        tx: Tx,
+        chat_id: str,
+        role: str,
+        content: str,
+        model: str | None,
+        status: str,
+        message_id: str,
+        tool_call_id: str | None,
+    ) -> None:
+        now = time.time()
+        tx.query("SELECT id FROM chats WHERE id=?" + tx.for_update, (chat_id,))
+        seq = tx.query("SELECT COALESCE(MAX(seq), 0) + 1 AS next FROM messages WHERE chat_id=?", (chat_id,))[0]["next"]
+        tx.execute(
+            "INSERT INTO messages (id, chat_id, seq, role, content, model, status, created_at, tool_call_id, "
+            "instance_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (message_id, chat_id, seq, role, content, model, status, now, tool_call_id, self.instance_id),
+        )
+        tx.execute("UPDATE chats SET updated_at=?, model=COALESCE(?, model) WHERE id=?", (now, model, chat_id))
 
     def finish_message(
         self,
@@ -282,12 +315,7 @@ class ChatStore:
     def streaming_elsewhere(self, chat_id: str) -> bool:
         """Whether another live instance is streaming an answer into the chat (a shared database; on
         a process's own SQLite file every other instance's answers were repaired at start)."""
-        rows = self._run(
-            "SELECT 1 AS hit FROM messages WHERE chat_id=? AND status='streaming' AND instance_id<>? "
-            "AND instance_id IN (SELECT id FROM instances) LIMIT 1",
-            (chat_id, self.instance_id),
-        )
-        return bool(rows)
+        return bool(self._run(STREAMING_ELSEWHERE, (chat_id, self.instance_id)))
 
     def heartbeat(self) -> None:
         """Tell sibling processes this instance is alive (its streaming answers are not to be repaired)."""

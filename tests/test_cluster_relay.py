@@ -78,6 +78,59 @@ def test_a_client_of_the_other_process_joins_stops_and_is_refused_a_second_answe
     assert "event=chat_join_relayed" in procs[1].log() and "taken=True" in procs[1].log()
 
 
+def test_an_answer_whose_clients_all_left_stops_after_the_grace_period_across_processes(tmp_path, cluster_env):
+    """The asker (on A) and a client that joined from B both leave: A stops the answer after the
+    grace period, as it does for its own clients, instead of generating it to the end."""
+    peer = StreamPeer(delay=0.05)
+    env = {**cluster_env, "SWITCHBOARD_ORPHAN_GRACE_S": "1"}
+    procs = start_group(tmp_path, tmp_path / "models", 2, env, peer_config(peer.base_url))
+    here, there = (EventClient(p.url, events=(*EVENTS, "joined")) for p in procs)
+    try:
+        here.emit("chat", {"model": MODEL, "content": "count", "options": {"max_new_tokens": 400}})
+        chat_id = here.wait_event("chat_started", timeout=30)[3]["chat_id"]
+        here.wait_for(lambda n, d: n == "delta" and d["index"] >= 3, timeout=30)
+        there.emit("join", {"chat_id": chat_id})
+        there.wait_event("joined", timeout=15, streaming=True)
+        here.close()
+        time.sleep(2)  # past the grace period: the remote client still receives it
+        assert procs[0].get(f"/api/chats/{chat_id}").json()["messages"][-1]["status"] == "streaming"
+        there.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            answer = procs[0].get(f"/api/chats/{chat_id}").json()["messages"][-1]
+            if answer["status"] != "streaming":
+                break
+            time.sleep(0.25)
+        assert answer["status"] == "cancelled", answer
+        assert len(answer["content"].split()) < 200, "stopped, not generated to the end"
+    finally:
+        for proc in procs:
+            proc.stop()
+        peer.stop()
+    assert "event=job_orphaned" in procs[0].log()
+
+
+def test_two_processes_cannot_both_start_an_answer_in_one_chat(postgres_url):
+    """The busy check and the two rows of a turn are one transaction under the chat's row lock."""
+    from core.errors import Busy
+    from core.storage import ChatStore
+
+    first, second = ChatStore(postgres_url), ChatStore(postgres_url)
+    try:
+        chat_id = first.create_chat("race", "peer:counter")
+        first.add_turn(chat_id, "user", "one", "peer:counter", "answer-1")
+        assert second.streaming_elsewhere(chat_id) and not first.streaming_elsewhere(chat_id)
+        with pytest.raises(Busy):
+            second.add_turn(chat_id, "user", "two", "peer:counter", "answer-2")
+        assert [m["content"] for m in second.messages(chat_id)] == ["one", ""], "nothing stored by the refused turn"
+        first.finish_message("answer-1", content="done", status="complete")
+        second.add_turn(chat_id, "user", "two", "peer:counter", "answer-2")
+        assert [m["role"] for m in first.messages(chat_id)] == ["user", "assistant", "user", "assistant"]
+    finally:
+        first.close()
+        second.close()
+
+
 @pytest.mark.browser
 def test_the_page_on_the_other_process_shows_the_answer_live_and_stops_it(tmp_path, cluster_env):
     """Chromium opens the chat on the process that is not answering it: the page joins, the answer

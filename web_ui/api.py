@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 from flask import Blueprint, jsonify, request
 
-from core.errors import NotFound
+from core.errors import ClusterUnavailable, NotFound
 from web_ui.extensions import services
 
 bp = Blueprint("api", __name__)
@@ -39,7 +41,9 @@ def get_chat(chat_id: str):
 def delete_chat(chat_id: str):
     svc = services()
     if svc.chat.is_answering(chat_id):
-        svc.chat.stop(chat_id)
+        # Redis away: the process answering elsewhere cannot be told; the chat's rows go anyway.
+        with suppress(ClusterUnavailable):
+            svc.chat.stop(chat_id)
     if not svc.store.delete_chat(chat_id):
         raise NotFound(f"chat {chat_id} does not exist")
     return jsonify({"deleted": chat_id})

@@ -54,17 +54,18 @@ class RelayedSocketSink:
     """Sends a job's events to a Socket.IO client connected to another process (it joined a chat
     that answers here): through the message queue, where its session id reaches it.
 
-    Publishing to Redis is socket I/O, which may yield to the hub; a join relies on nothing else
+    Publishing to Redis is socket I/O, which may yield to the hub, and a join relies on nothing else
     running between its snapshot and joining the audience. So `emit` only queues, and a green
-    thread of the sink's own publishes in order."""
+    thread publishes in order; it ends when idle and `emit` starts another when needed."""
 
-    client = None  # its disconnect is seen by the other process only; the job ends as it would anyway
-    IDLE_S = 300.0  # a sink that heard nothing for this long is done (its job long ended)
+    IDLE_S = 30.0
 
     def __init__(self, sid: str) -> None:
         self.sid = sid
+        #: Set by core.relay: the id under which the job runner knows this remote client.
+        self.client: str | None = None
         self.events: queue.Queue = queue.Queue()
-        socketio.start_background_task(self._publish)
+        self._publishing = False
 
     @classmethod
     def from_address(cls, address: dict[str, Any]) -> RelayedSocketSink:
@@ -75,19 +76,21 @@ class RelayedSocketSink:
 
     def emit(self, event: str, payload: dict) -> None:
         self.events.put((event, payload))
+        if not self._publishing:  # no yield between its check and its start: green threads
+            self._publishing = True
+            socketio.start_background_task(self._publish)
 
     def fail(self, error: SwitchboardError, about: dict) -> None:
-        self.events.put(("error", Failure(error, about).socket_payload()))
+        self.emit("error", Failure(error, about).socket_payload())
 
     def _publish(self) -> None:
         while True:
             try:
                 event, payload = self.events.get(timeout=self.IDLE_S)
             except queue.Empty:
+                self._publishing = False
                 return
             socketio.emit(event, payload, to=self.sid)
-            if event in ENDINGS or (event == "joined" and not payload.get("streaming")):
-                return
 
 
 class QueueSink:
