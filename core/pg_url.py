@@ -10,6 +10,7 @@ Errors say which part of the url is wrong and never repeat a value from it: a ur
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import math
 import os
@@ -89,13 +90,17 @@ class PgTarget:
         if not url.startswith(("postgresql://", "postgres://")):  # libpq's check is case-sensitive too
             raise BadDatabaseUrl("use postgresql://user:pass@host:port/db")
         parts = urlsplit(url)
-        if "@" not in parts.netloc and "@" in parts.path + parts.query + parts.fragment or parts.fragment:
-            # An unencoded '/', '?' or '#' in the password ended the user part early.
+        if "@" not in parts.netloc and "@" in parts.path or parts.fragment:
+            # An unencoded '/' or '#' in the password ended the user part early (a '?' shows as
+            # unknown parameters below).
             raise BadDatabaseUrl("percent-encode '/', '?', '#', '@' and ':' in the user name and password")
         query = _query(parts.query)
         unknown = sorted(set(query) - set(PARAMETERS))
         if unknown:
-            raise BadDatabaseUrl(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(PARAMETERS)}")
+            # Their names are not repeated (a misplaced password may be one); a likely misspelling is.
+            hints = sorted({m for name in unknown for m in difflib.get_close_matches(name, PARAMETERS, 1, 0.75)})
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+            raise BadDatabaseUrl(f"{len(unknown)} unknown parameter(s){hint}; known: {', '.join(PARAMETERS)}")
         written_host, written_port = _host_and_port(parts.netloc)
         host = query.get("host") or unquote(written_host)
         if "," in host or "," in written_port:
@@ -108,11 +113,22 @@ class PgTarget:
         binding = query.get("channel_binding") or "prefer"
         if binding not in CHANNEL_BINDING:
             raise BadDatabaseUrl(f"channel_binding must be one of {', '.join(CHANNEL_BINDING)}")
-        if binding == "require" and sslmode not in ("require", "verify-ca", "verify-full"):
-            raise BadDatabaseUrl("channel_binding=require needs TLS: sslmode=require, verify-ca or verify-full")
+        if binding == "require":
+            # pg8000 binds when the server offers it but would also answer a cleartext password
+            # request, so "require" cannot be kept; checking the certificate protects the same way.
+            raise BadDatabaseUrl(
+                "channel_binding=require cannot be enforced by this driver: check the server's certificate "
+                "instead (sslmode=verify-full with sslrootcert=system or your provider's CA file)"
+            )
+        if query.get("sslrootcert") == "system":  # libpq: the system's authorities mean verify-full
+            sslmode = query.get("sslmode") or "verify-full"
+            if sslmode not in ("verify-ca", "verify-full"):
+                raise BadDatabaseUrl("sslrootcert=system needs sslmode=verify-full (or verify-ca)")
+        if query.get("sslcert") and sslmode not in ("require", "verify-ca", "verify-full"):
+            raise BadDatabaseUrl("sslcert needs sslmode=require, verify-ca or verify-full")
         port_text = query.get("port") or written_port or "5432"
         timeout_text = query.get("connect_timeout") or str(DEFAULT_CONNECT_TIMEOUT_S)
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
             raise BadDatabaseUrl("the port must be a number from 1 to 65535")
         try:
             timeout = float(timeout_text)
@@ -120,7 +136,12 @@ class PgTarget:
             raise BadDatabaseUrl("connect_timeout must be a number of seconds") from None
         if not math.isfinite(timeout) or timeout < 0:
             raise BadDatabaseUrl("connect_timeout must be a number of seconds (0: no limit)")
-        user = query.get("user") or unquote(parts.username or "") or getpass.getuser()
+        user = query.get("user") or unquote(parts.username or "")
+        if not user:
+            try:
+                user = getpass.getuser()  # libpq's default: the process's own user
+            except (KeyError, OSError):
+                raise BadDatabaseUrl("name a user (this process's user has no name)") from None
         password = query.get("password")
         if password is None and parts.password is not None:
             password = unquote(parts.password)
@@ -159,7 +180,7 @@ class PgTarget:
         try:
             context = ssl.create_default_context(cafile=None if self.sslrootcert == "system" else self.sslrootcert)
             if self.sslcert:
-                context.load_cert_chain(self.sslcert, self.sslkey)
+                context.load_cert_chain(self.sslcert, self.sslkey, password=lambda: "")  # never a prompt
         except (OSError, ssl.SSLError) as exc:
             raise BadDatabaseUrl(
                 f"sslrootcert/sslcert/sslkey: a file cannot be read or used ({type(exc).__name__})"

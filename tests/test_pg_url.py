@@ -70,8 +70,14 @@ def test_sslmode_means_what_it_means_in_libpq(tmp_path):
     assert full.verify_mode == ssl.CERT_REQUIRED and full.check_hostname
     system = PgTarget.parse(f"{base}?sslmode=verify-full&sslrootcert=system").ssl_argument()
     assert system.verify_mode == ssl.CERT_REQUIRED and system.check_hostname
-    neon = PgTarget.parse(f"{base}?sslmode=require&channel_binding=require").ssl_argument()
-    assert neon is True, "pg8000 binds the channel by itself over TLS"
+    implied = PgTarget.parse(f"{base}?sslrootcert=system")
+    assert implied.sslmode == "verify-full", "libpq: the system's authorities mean verify-full"
+    with pytest.raises(BadDatabaseUrl, match="cannot be enforced"):
+        PgTarget.parse(f"{base}?sslmode=require&channel_binding=require")  # the driver could be downgraded
+    with pytest.raises(BadDatabaseUrl, match="sslrootcert=system needs"):
+        PgTarget.parse(f"{base}?sslmode=require&sslrootcert=system")
+    with pytest.raises(BadDatabaseUrl, match="sslcert needs"):
+        PgTarget.parse(f"{base}?sslcert={cert}")
 
 
 @pytest.mark.parametrize(
@@ -79,7 +85,9 @@ def test_sslmode_means_what_it_means_in_libpq(tmp_path):
     [
         (f"postgresql://sb:{ENCODED}@db:notaport/x", "port is not a number"),
         (f"postgresql://sb:{ENCODED}@db/x?sslmode=sometimes", "sslmode must be one of"),
-        (f"postgresql://sb:{ENCODED}@db/x?sslmod=require", "unknown parameter(s) sslmod"),
+        (f"postgresql://sb:{ENCODED}@db/x?sslmod=require", "1 unknown parameter(s) (did you mean sslmode?)"),
+        (f"postgresql://sb:{ENCODED}@db/x?password=ab&cdsecret", "1 unknown parameter(s);"),
+        (f"postgresql://sb:{ENCODED}@db/x?port=%C2%B2", "port must be a number"),
         (f"postgresql://sb:{ENCODED}@db/x?port=70000", "port must be a number from 1 to 65535"),
         (f"postgresql://sb:{ENCODED}@db/x?sslmode=verify-ca&sslrootcert=/nowhere/ca.pem", "cannot be read"),
         (f"mysql://sb:{ENCODED}@db/x", "use postgresql://"),
@@ -88,7 +96,7 @@ def test_sslmode_means_what_it_means_in_libpq(tmp_path):
         ("postgresql://sb:s3cr#t@db/x", "percent-encode"),
         (f"postgresql://sb:{ENCODED}@db1,db2/x", "several hosts"),
         (f"postgresql://sb:{ENCODED}@db/x?connect_timeout=nan", "connect_timeout"),
-        (f"postgresql://sb:{ENCODED}@db/x?channel_binding=require", "channel_binding=require needs TLS"),
+        (f"postgresql://sb:{ENCODED}@db/x?channel_binding=require", "cannot be enforced"),
     ],
 )
 def test_a_bad_url_is_refused_at_start_naming_the_part_never_the_password(url, words, tmp_path):
@@ -96,7 +104,7 @@ def test_a_bad_url_is_refused_at_start_naming_the_part_never_the_password(url, w
         load_settings(environ={"SWITCHBOARD_DATABASE_URL": url, "SWITCHBOARD_DATA_DIR": str(tmp_path)})
     message = str(info.value)
     assert words in message and "setting database_url" in message, message
-    assert "s3cr" not in message and "%40" not in message and "k9" not in message
+    assert "s3cr" not in message and "%40" not in message and "k9" not in message and "cdsecret" not in message
     with pytest.raises((BadDatabaseUrl, BadRequest)):
         PgTarget.parse(url).ssl_argument()
 
