@@ -68,6 +68,9 @@ class ChatRelay:
         request_id = uuid.uuid4().hex
         taken = threading.Event()
         self._waiting[request_id] = taken
+        # Remembered whatever comes of it: a late "taken" still added the client over there, and
+        # its disconnect must reach that process (a "left" for a client nobody holds is harmless).
+        self._relayed[getattr(sink, "client", None) or request_id] = address
         try:
             self.cluster.publish_relay({"type": "join", "chat": chat_id, "sink": address, "id": request_id})
             joined = taken.wait(JOIN_WAIT_S)
@@ -75,8 +78,6 @@ class ChatRelay:
             joined = False  # the stored answer is still worth showing
         finally:
             self._waiting.pop(request_id, None)
-        if joined:
-            self._relayed[getattr(sink, "client", None) or request_id] = address
         log.info("event=chat_join_relayed chat=%s taken=%s", chat_id, joined)
         return joined
 

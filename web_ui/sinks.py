@@ -6,13 +6,17 @@ belongs to (`Failure`); the surface renders that with its renderer from web_ui.e
 
 from __future__ import annotations
 
+import logging
 import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import SwitchboardError
 from web_ui.errors import socket_error
 from web_ui.extensions import socketio
+
+log = logging.getLogger(__name__)
 
 ENDINGS = ("done", "error", "translation_done")
 
@@ -66,6 +70,7 @@ class RelayedSocketSink:
         self.client: str | None = None
         self.events: queue.Queue = queue.Queue()
         self._publishing = False
+        self._lock = threading.Lock()
 
     @classmethod
     def from_address(cls, address: dict[str, Any]) -> RelayedSocketSink:
@@ -76,8 +81,9 @@ class RelayedSocketSink:
 
     def emit(self, event: str, payload: dict) -> None:
         self.events.put((event, payload))
-        if not self._publishing:  # no yield between its check and its start: green threads
-            self._publishing = True
+        with self._lock:
+            start, self._publishing = not self._publishing, True
+        if start:
             socketio.start_background_task(self._publish)
 
     def fail(self, error: SwitchboardError, about: dict) -> None:
@@ -88,9 +94,15 @@ class RelayedSocketSink:
             try:
                 event, payload = self.events.get(timeout=self.IDLE_S)
             except queue.Empty:
-                self._publishing = False
-                return
-            socketio.emit(event, payload, to=self.sid)
+                with self._lock:
+                    if self.events.empty():  # an emit between the timeout and here is still sent
+                        self._publishing = False
+                        return
+                continue
+            try:
+                socketio.emit(event, payload, to=self.sid)
+            except Exception as exc:  # Redis away: this client misses the event, later ones may go
+                log.warning("event=relayed_emit_failed event_name=%s error=%s", event, type(exc).__name__)
 
 
 class QueueSink:
