@@ -331,7 +331,7 @@ class ChatService:
         if chat_id is not None:
             if not self.store.chat_exists(chat_id):
                 raise NotFound(f"chat {chat_id} does not exist")
-            if self.is_answering(chat_id):
+            if self.runner.is_running(ChatJob.kind, chat_id):  # another process: add_turn, under the row lock
                 raise _busy()
         else:
             chat_id = self.store.create_chat(content.strip().splitlines()[0], model.id)
