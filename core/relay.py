@@ -91,14 +91,19 @@ class ChatRelay:
         return True
 
     def client_left(self, client: str) -> None:
-        """A client of this process disconnected: tell the processes whose answers it received."""
+        """A client of this process disconnected: tell the processes whose answers it received (from
+        a green thread of its own: a disconnect never waits for Redis)."""
         address = self._relayed.pop(client, None)
         if address is None:
             return
-        try:
-            self.cluster.publish_relay({"type": "left", "sink": address})
-        except ClusterUnavailable:
-            pass  # that answer ends as it would have; nothing else to do while Redis is away
+
+        def tell() -> None:
+            try:
+                self.cluster.publish_relay({"type": "left", "sink": address})
+            except ClusterUnavailable:
+                pass  # that answer ends as it would have; nothing else to do while Redis is away
+
+        threading.Thread(target=tell, name="relay-left", daemon=True).start()
 
     # -- messages ---------------------------------------------------------------------------------
     def handle(self, message: dict[str, Any]) -> None:

@@ -80,9 +80,8 @@ def on_disconnect(*_reason: Any) -> None:
     """Jobs only this client received keep going for a grace period (a reloading page joins them
     again), then stop, their text so far stored as cancelled."""
     svc = services()
-    relay, sid = svc.chat.relay, request.sid
-    if relay is not None:  # answers on other processes this client joined (Redis I/O: not inline)
-        run_in_background(lambda: relay.client_left(sid))
+    if svc.chat.relay is not None:  # answers on other processes this client joined
+        svc.chat.relay.client_left(request.sid)
     orphans = svc.runner.client_left(request.sid)
     if not orphans:
         return
