@@ -77,8 +77,6 @@ class PgTarget:
     sslrootcert: str | None = None
     sslcert: str | None = None
     sslkey: str | None = None
-    #: A Unix socket directory (libpq's host starting with "/"); None for TCP.
-    socket_dir: str | None = None
     #: Seconds a connect may take (None: no limit, libpq's 0).
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S
     application_name: str = "switchboard"
@@ -156,10 +154,14 @@ class PgTarget:
             sslrootcert=query.get("sslrootcert"),
             sslcert=query.get("sslcert"),
             sslkey=query.get("sslkey"),
-            socket_dir=host if host.startswith("/") else None,
             connect_timeout=max(timeout, 2.0) if timeout else None,  # libpq: 0 is no limit, under 2 is 2
             application_name=re.sub(r"[^\x20-\x7e]", "?", name)[:63],
         )
+
+    @property
+    def socket_dir(self) -> str | None:
+        """A Unix socket directory (libpq's host starting with "/"); None for TCP."""
+        return self.host if self.host.startswith("/") else None
 
     @property
     def unix_sock(self) -> str | None:
