@@ -15,6 +15,15 @@ pytestmark = pytest.mark.slow
 MODEL = "peer:counter"
 
 
+def start_answer(client: EventClient, tokens: int, seen: int) -> str:
+    """Ask `client`'s process for a counting answer of `tokens` pieces; returns its chat id once the
+    piece with index `seen` has arrived."""
+    client.emit("chat", {"model": MODEL, "content": "count", "options": {"max_new_tokens": tokens}})
+    chat_id = client.wait_event("chat_started", timeout=30)[3]["chat_id"]
+    client.wait_for(lambda n, d: n == "delta" and d["index"] >= seen, timeout=30)
+    return chat_id
+
+
 def _answer(client: EventClient, chat_id: str, after: int = 0) -> str:
     return "".join(d["content"] for _, n, d in client.events[after:] if n == "delta" and d["chat_id"] == chat_id)
 
@@ -24,9 +33,7 @@ def test_a_client_of_the_other_process_joins_stops_and_is_refused_a_second_answe
     procs = start_group(tmp_path, tmp_path / "models", 2, cluster_env, peer_config(peer.base_url))
     here, there = (EventClient(p.url, events=(*EVENTS, "joined")) for p in procs)
     try:
-        here.emit("chat", {"model": MODEL, "content": "count", "options": {"max_new_tokens": 60}})
-        chat_id = here.wait_event("chat_started", timeout=30)[3]["chat_id"]
-        here.wait_for(lambda n, d: n == "delta" and d["index"] >= 5, timeout=30)
+        chat_id = start_answer(here, 60, seen=5)
 
         there.emit("chat", {"model": MODEL, "chat_id": chat_id, "content": "me too"})
         refused = there.wait_event("error", timeout=15)[3]
@@ -86,9 +93,7 @@ def test_an_answer_whose_clients_all_left_stops_after_the_grace_period_across_pr
     procs = start_group(tmp_path, tmp_path / "models", 2, env, peer_config(peer.base_url))
     here, there = (EventClient(p.url, events=(*EVENTS, "joined")) for p in procs)
     try:
-        here.emit("chat", {"model": MODEL, "content": "count", "options": {"max_new_tokens": 400}})
-        chat_id = here.wait_event("chat_started", timeout=30)[3]["chat_id"]
-        here.wait_for(lambda n, d: n == "delta" and d["index"] >= 3, timeout=30)
+        chat_id = start_answer(here, 400, seen=3)
         there.emit("join", {"chat_id": chat_id})
         there.wait_event("joined", timeout=15, streaming=True)
         here.close()
@@ -143,9 +148,7 @@ def test_the_page_on_the_other_process_shows_the_answer_live_and_stops_it(tmp_pa
     procs = start_group(tmp_path, tmp_path / "models", 2, cluster_env, peer_config(peer.base_url))
     client = EventClient(procs[0].url)
     try:
-        client.emit("chat", {"model": MODEL, "content": "count", "options": {"max_new_tokens": 400}})
-        chat_id = client.wait_event("chat_started", timeout=30)[3]["chat_id"]
-        client.wait_for(lambda n, d: n == "delta" and d["index"] >= 3, timeout=30)
+        chat_id = start_answer(client, 400, seen=3)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
             page = browser.new_page()
